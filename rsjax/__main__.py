@@ -1,0 +1,5 @@
+import sys
+
+from rsjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The on-device Monte Carlo primitive of randomized smoothing (Cohen et al. 2019, SAMPLE).
+
+For each image x_i (i = 1..M) and noise level sigma_i, draw ``num`` noisy copies
+
+    x_i + sigma_i * eps_ij,   eps_ij ~ N(0, I),   j = offset, ..., offset + num - 1
+
+run the base classifier ``f`` on them, take the argmax and histogram it into
+``counts[i, c] = #{j : argmax_c f(x_i + sigma_i eps_ij) = c}``.
+
+Everything happens inside one jitted function: noise generation, the forward passes
+(``lax.scan`` over steps of ``samples_per_step`` copies of each of the M images, so one
+device step evaluates ``M * samples_per_step`` inputs), the argmax and the counting.
+Nothing per-sample crosses to the host; only the ``(M, K)`` integer counts come back.
+
+Randomness: sample j of image i uses ``eps_ij = normal(fold_in(key_i, j))``, so the draw of a
+given sample depends only on the image's key and the sample's index - never on the batch
+size, the number of images in flight, or which other images share the batch. An image's
+key comes from ``image_keys(seed, dataset_index, purpose)``; different purposes
+(selection with n0, estimation with n, sigma search, ...) give independent streams.
+
+sigma is a traced argument (one value per image), so changing it never recompiles; the
+smoothing core knows nothing about the architecture, only the pure function ``f``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Independent random streams per image. Never reuse a stream for two purposes: the
+# certificate's soundness relies on selection, estimation and search noise being independent.
+PURPOSES = {
+    "select": 0,  # n0 draws that pick the candidate class c_A (CERTIFY step 1)
+    "estimate": 1,  # n draws that bound p_A (CERTIFY step 2) / PREDICT's draws
+    "search": 2,  # draws used to choose sigma (QCRS, Insta-RS)
+    "optimize": 3,  # reparameterised noise of DDRS's gradient ascent
+    "check": 4,  # QCRS safety check draws
+}
+
+
+def purpose_id(purpose) -> int:
+    """Map a purpose name (or int) to the integer folded into the image key."""
+    if isinstance(purpose, str):
+        if purpose not in PURPOSES:
+            raise ValueError(f"unknown randomness purpose {purpose!r}; known: {sorted(PURPOSES)}")
+        return PURPOSES[purpose]
+    return int(purpose)
+
+
+def image_keys(seed: int, idx, purpose="estimate"):
+    """Keys for images with dataset indices ``idx``: fold_in(fold_in(key(seed), idx), purpose).
+
+    Returns a typed key array of shape ``idx.shape``. The key of an image depends only on
+    (seed, dataset index, purpose), which makes results invariant to batching and ``--skip``.
+    """
+    idx = jnp.asarray(idx, dtype=jnp.uint32)
+    base = jax.random.key(seed)
+    pid = purpose_id(purpose)
+
+    def one(i):
+        return jax.random.fold_in(jax.random.fold_in(base, i), pid)
+
+    return jax.vmap(one)(idx.reshape(-1)).reshape(idx.shape)
+
+
+def sample_noise(key, sample_idx, shape, dtype=jnp.float32):
+    """eps_j = N(0, I) of ``shape`` for each sample index j in ``sample_idx`` (one key per j)."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sample_idx)
+    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+
+
+def noisy_copies(x, sigma, key, sample_idx):
+    """x + sigma * eps_j for the samples ``sample_idx`` of one image: shape (len(j), *x.shape)."""
+    eps = sample_noise(key, sample_idx, x.shape, x.dtype)
+    return x[None] + sigma.astype(x.dtype) * eps
+
+
+def num_steps(num: int, samples_per_step: int) -> int:
+    """ceil(num / samples_per_step): scan length for ``num`` draws per image."""
+    return -(-num // samples_per_step)
+
+
+def make_counter(f, num_classes: int, *, samples_per_step: int):
+    """Build ``counts(x, sigma, keys, num, offset=0) -> int32[M, num_classes]``.
+
+    Args:
+      f: pure ``logits = f(x)`` for a batch ``(B, H, W, C)``.
+      num_classes: K, the length of the histogram.
+      samples_per_step: noisy copies of *each* image per device step; one step runs f on
+        ``M * samples_per_step`` inputs. The last step of a ``num`` that is not a multiple
+        is masked (its extra draws are computed but not counted).
+
+    The returned function is jitted with ``num`` static (one compilation per distinct
+    (M, num) pair, e.g. n0 and n) and takes
+      x: float (M, H, W, C) clean images in [0, 1];
+      sigma: float (M,) noise level per image (traced: no recompilation when it changes);
+      keys: typed keys (M,) from :func:`image_keys`;
+      offset: first sample index (traced), so ``num`` draws can be split across calls
+        without changing which noise is drawn: counts(.., a, 0) + counts(.., b, a) equals
+        counts(.., a + b, 0).
+    """
+    if samples_per_step < 1:
+        raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
+
+    @functools.partial(jax.jit, static_argnames=("num",))
+    def counts(x, sigma, keys, num: int, offset=0):
+        m = x.shape[0]
+        b = min(samples_per_step, num)
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (m,))
+        offset = jnp.asarray(offset, jnp.uint32)
+
+        def step(acc, s):
+            local = s * b + jnp.arange(b, dtype=jnp.uint32)  # draw index within this call
+            xn = jax.vmap(noisy_copies, in_axes=(0, 0, 0, None))(x, sigma, keys, offset + local)
+            logits = f(xn.reshape((m * b,) + x.shape[1:]))
+            pred = jnp.argmax(logits, axis=-1).reshape(m, b)
+            valid = (local < num)[None, :, None]
+            hits = jax.nn.one_hot(pred, num_classes, dtype=jnp.int32) * valid
+            return acc + hits.sum(axis=1), None
+
+        acc0 = jnp.zeros((m, num_classes), jnp.int32)
+        acc, _ = jax.lax.scan(step, acc0, jnp.arange(num_steps(num, b), dtype=jnp.uint32))
+        return acc
+
+    return counts
+
+
+def choose_layout(num_images: int, num: int, batch_size: int):
+    """How to fill a forward batch of ``batch_size``: (images in flight M, samples_per_step b).
+
+    With a large ``num`` (CERTIFY's n = 100,000) one image fills the batch; with a small
+    ``num`` (n0 = 100, or a small n) several images share each step, so the device is not
+    latency-bound: b = min(num, batch_size), M = max(1, batch_size // b), capped by the
+    number of images available.
+    """
+    b = max(1, min(num, batch_size))
+    m = max(1, min(num_images, batch_size // b))
+    return m, b
+
+
+def steps_per_image(num: int, samples_per_step: int) -> int:
+    """Device steps spent on one image group for ``num`` draws (for progress/ETA)."""
+    return math.ceil(num / samples_per_step)

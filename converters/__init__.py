@@ -1,0 +1,1 @@
+"""Converters from other frameworks' checkpoints into rsjax models (see converters.pytorch)."""

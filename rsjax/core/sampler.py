@@ -83,7 +83,36 @@ def num_steps(num: int, samples_per_step: int) -> int:
     return -(-num // samples_per_step)
 
 
-def make_counter(f, num_classes: int, *, samples_per_step: int):
+def scan_counts(f, num_classes: int, x, sigma, keys, offset, *, first, stop, steps: int, b: int):
+    """Counts of the draws with local indices ``first <= l < stop`` (``l = first + s*b + t``).
+
+    Runs ``steps`` device steps of ``M * b`` forward passes (``lax.scan``); draw ``l`` of image i
+    uses the global sample index ``offset + l``, so its noise is ``normal(fold_in(key_i, offset + l))``
+    whatever ``b``, ``first`` or the other images. Draws with ``l >= stop`` are computed and masked.
+    ``first`` and ``stop`` may be traced (the data-parallel counter gives each device its range).
+    Returns int32 (M, num_classes).
+    """
+    m = x.shape[0]
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (m,))
+    offset = jnp.asarray(offset, jnp.uint32)
+    first = jnp.asarray(first, jnp.uint32)
+    stop = jnp.asarray(stop, jnp.uint32)
+
+    def step(acc, s):
+        local = first + s * b + jnp.arange(b, dtype=jnp.uint32)  # draw index within this call
+        xn = jax.vmap(noisy_copies, in_axes=(0, 0, 0, None))(x, sigma, keys, offset + local)
+        logits = f(xn.reshape((m * b,) + x.shape[1:]))
+        pred = jnp.argmax(logits, axis=-1).reshape(m, b)
+        valid = (local < stop)[None, :, None]
+        hits = jax.nn.one_hot(pred, num_classes, dtype=jnp.int32) * valid
+        return acc + hits.sum(axis=1), None
+
+    acc0 = jnp.zeros((m, num_classes), jnp.int32)
+    acc, _ = jax.lax.scan(step, acc0, jnp.arange(steps, dtype=jnp.uint32))
+    return acc
+
+
+def make_counter(f, num_classes: int, *, samples_per_step: int, devices=None):
     """Build ``counts(x, sigma, keys, num, offset=0) -> int32[M, num_classes]``.
 
     Args:
@@ -92,6 +121,9 @@ def make_counter(f, num_classes: int, *, samples_per_step: int):
       samples_per_step: noisy copies of *each* image per device step; one step runs f on
         ``M * samples_per_step`` inputs. The last step of a ``num`` that is not a multiple
         is masked (its extra draws are computed but not counted).
+      devices: devices to split the draws over (default: all local devices). With more than
+        one, :func:`rsjax.parallel.make_parallel_counter` gives each device a contiguous range
+        of the ``num`` draw indices and sums the counts: the same counts as one device.
 
     The returned function is jitted with ``num`` static (one compilation per distinct
     (M, num) pair, e.g. n0 and n) and takes
@@ -104,26 +136,17 @@ def make_counter(f, num_classes: int, *, samples_per_step: int):
     """
     if samples_per_step < 1:
         raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) > 1:
+        from rsjax.parallel import make_parallel_counter
+
+        return make_parallel_counter(f, num_classes, samples_per_step=samples_per_step, devices=devices)
 
     @functools.partial(jax.jit, static_argnames=("num",))
     def counts(x, sigma, keys, num: int, offset=0):
-        m = x.shape[0]
         b = min(samples_per_step, num)
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (m,))
-        offset = jnp.asarray(offset, jnp.uint32)
-
-        def step(acc, s):
-            local = s * b + jnp.arange(b, dtype=jnp.uint32)  # draw index within this call
-            xn = jax.vmap(noisy_copies, in_axes=(0, 0, 0, None))(x, sigma, keys, offset + local)
-            logits = f(xn.reshape((m * b,) + x.shape[1:]))
-            pred = jnp.argmax(logits, axis=-1).reshape(m, b)
-            valid = (local < num)[None, :, None]
-            hits = jax.nn.one_hot(pred, num_classes, dtype=jnp.int32) * valid
-            return acc + hits.sum(axis=1), None
-
-        acc0 = jnp.zeros((m, num_classes), jnp.int32)
-        acc, _ = jax.lax.scan(step, acc0, jnp.arange(num_steps(num, b), dtype=jnp.uint32))
-        return acc
+        return scan_counts(f, num_classes, x, sigma, keys, offset, first=0, stop=num,
+                           steps=num_steps(num, b), b=b)
 
     return counts
 

@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmarks: the same network in PyTorch and in rsjax, machine facts, output.
+
+The PyTorch network is engineer A's reference definition (``converters/torch_reference.py``);
+its weights (random, with randomised BatchNorm statistics calibrated on a batch so that a deep
+random net keeps sane activations, or a real checkpoint) are converted with A's converter
+(``converters.pytorch.torch_to_flax``), so both frameworks evaluate the same function.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+MODELS = ("cifar_resnet110", "cifar_resnet20", "resnet50", "lenet")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_model() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def torch_model(arch: str, checkpoint=None, seed: int = 0):
+    """(torch Sequential(normaliser, net) in eval mode, net state dict, meta) for ``arch``."""
+    import torch
+
+    from converters import torch_reference as tr
+    from converters.pytorch import DATASETS, find_state_dict, read_checkpoint, strip_prefix
+    from rsjax.models import ARCHS
+
+    dataset = ARCHS[arch][2]
+    d = DATASETS[dataset]
+    nc = d["num_classes"]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = tr.build_net(arch, nc)
+    h, w, c = ARCHS[arch][1]
+    if checkpoint is not None:
+        sd, _, _, _, _ = find_state_dict(read_checkpoint(checkpoint, log=lambda *_: None), checkpoint)
+        net_sd, _, _ = strip_prefix(sd)
+        net.load_state_dict(net_sd)
+    elif any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()):
+        calib = torch.rand(32 if arch != "resnet50" else 8, c, h, w, generator=g)
+        tr.randomize_batchnorm_(net, generator=g, calibrate=calib)
+    norm = d["cohen_normalization"]
+    mean, std = (list(d["mean"]), list(d["std"])) if norm == "meanstd" else ([0.0] * c, [1.0] * c)
+    model = tr.cohen_model(net, tr.NormalizeLayer(mean, std)).eval()
+    meta = {"arch": arch, "dataset": dataset, "num_classes": nc, "input_shape": [h, w, c], "mean": mean, "std": std,
+            "weights": str(checkpoint) if checkpoint else f"random (seed {seed})"}
+    return model, {k: v.detach().clone() for k, v in net.state_dict().items()}, meta
+
+
+def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True):
+    """(f, variables) : logits = f(x) for float32 NHWC x in [0, 1], the torch net's weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from converters.pytorch import torch_to_flax
+    from rsjax.models import build_model
+    from rsjax.models.fold import fold_bn
+
+    arch, nc = meta["arch"], meta["num_classes"]
+    variables = jax.device_put(torch_to_flax(state_dict, arch, nc))
+    model = build_model(arch, nc, dtype=jnp.dtype(dtype))
+    if fold:
+        model, variables = fold_bn(model, variables)
+    mean = np.asarray(meta["mean"], np.float32)
+    std = np.asarray(meta["std"], np.float32)
+
+    def f(x):
+        return model.apply(variables, (x - mean) / std).astype(jnp.float32)
+
+    return f, variables
+
+
+def versions() -> dict:
+    import jax
+
+    out = {"jax": jax.__version__, "python": sys.version.split()[0], "numpy": np.__version__}
+    try:
+        import flax
+
+        out["flax"] = flax.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        out["torch"] = None
+    return out
+
+
+def machine() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {
+        "device_kind": dev.device_kind,
+        "platform": dev.platform,
+        "num_devices": jax.device_count(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu_model": gpu_model(),
+        "hostname": platform.node(),
+    }
+
+
+def write_result(kind: str, record: dict, md_row: str, md_header: str) -> Path:
+    """benchmarks/results/<kind>_<model>_b<batch>_<dtype>_<platform>_<utc time>.json, plus the
+    markdown row appended to benchmarks/results/<kind>.md (header written once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{kind}_{record['model']}_b{record['batch']}_{record['dtype']}_{record['platform']}_{stamp}.json"
+    path = RESULTS / name
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    md = RESULTS / f"{kind}.md"
+    if not md.exists():
+        md.write_text(md_header.rstrip("\n") + "\n")
+    with open(md, "a") as fh:
+        fh.write(md_row.rstrip("\n") + "\n")
+    return path

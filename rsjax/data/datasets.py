@@ -1,0 +1,271 @@
+"""Test/train images for certification: MNIST, CIFAR-10 and ImageNet, as float32 NHWC in [0, 1].
+
+Where the data comes from (first that exists):
+
+1. ``data_dir`` given and holding the standard local files (directly or in ``data_dir/<dataset>``):
+   - MNIST: the IDX files ``t10k-images-idx3-ubyte[.gz]`` / ``t10k-labels-idx1-ubyte[.gz]``
+     (``train-*`` for the train split);
+   - CIFAR-10: ``cifar-10-batches-py/test_batch`` (``data_batch_1..5`` for train), the python
+     pickle format (uint8 R, G, B planes);
+   - ImageNet: ``val/<wnid>/*.JPEG`` (``train/<wnid>/...`` for train); the class index is the
+     position of the wnid in the sorted list of folders (torchvision ImageFolder order), and
+     each image gets Cohen's test transform Resize(256) + CenterCrop(224) (PIL, bilinear).
+2. tensorflow-datasets, when the dataset is prepared in ``data_dir`` (or tfds's default data
+   directory): ``mnist``, ``cifar10``, ``imagenet2012`` (validation split for ``test``), read
+   with random access through ``tfds.data_source`` (needs the array_record file format).
+3. No ``data_dir`` given: the real subsets in ``rsjax.paths.SHARED_DATA/<dataset>``.
+
+Images are read lazily per index (ImageNet decodes only the images asked for); MNIST and
+CIFAR-10 are small and are held in memory as uint8. An index outside the dataset is a
+:class:`rsjax.errors.DataError` that says how many images the source holds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from rsjax.errors import DataError
+from rsjax.paths import SHARED_DATA
+
+DATASETS = {
+    # name: (num_classes, input_shape HWC, tfds name, {split: tfds split})
+    "mnist": (10, (28, 28, 1), "mnist", {"test": "test", "train": "train"}),
+    "cifar10": (10, (32, 32, 3), "cifar10", {"test": "test", "train": "train"}),
+    "imagenet": (1000, (224, 224, 3), "imagenet2012", {"test": "validation", "train": "train"}),
+}
+SPLITS = ("test", "train")
+
+
+class Dataset:
+    """A read-only, indexable image dataset.
+
+    ``ds[i] -> (x float32 (H, W, C) in [0, 1], label int)``; ``ds.batch(indices) ->
+    (x float32 (B, H, W, C), labels int64 (B,))``. ``len(ds)`` is the number of images the
+    source holds; ``ds.source`` says where they come from.
+    """
+
+    def __init__(self, name, split, num_classes, input_shape, length, getter, source):
+        self.name = name
+        self.split = split
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self._len = int(length)
+        self._get = getter
+        self.source = source
+
+    def __len__(self):
+        return self._len
+
+    def _check(self, i):
+        if isinstance(i, (bool, np.bool_)) or int(i) != i:
+            raise DataError(f"{self.name}: index {i!r} is not an integer")
+        i = int(i)
+        if not 0 <= i < self._len:
+            raise DataError(f"{self.name} {self.split}: index {i} is out of range: "
+                            f"{self.source} holds {self._len} images (indices 0..{self._len - 1})")
+        return i
+
+    def __getitem__(self, i):
+        x, y = self._get(self._check(i))
+        return np.asarray(x, np.float32), int(y)
+
+    def batch(self, indices):
+        items = [self[i] for i in indices]
+        if not items:
+            return np.zeros((0, *self.input_shape), np.float32), np.zeros((0,), np.int64)
+        return np.stack([x for x, _ in items]), np.asarray([y for _, y in items], np.int64)
+
+    def __repr__(self):
+        return f"Dataset({self.name!r}, split={self.split!r}, {len(self)} images from {self.source})"
+
+
+def load_dataset(name: str, split: str = "test", data_dir=None) -> Dataset:
+    """Open dataset ``name`` (``mnist``, ``cifar10``, ``imagenet``); see the module docstring
+    for where it is looked for. Raises DataError naming the files looked for when none exist."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    looked = []
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"--data-dir {data_dir} is not a directory")
+        for d in (data_dir, data_dir / name):
+            ds = _local(name, split, d, looked)
+            if ds is not None:
+                return ds
+    ds = _tfds(name, split, data_dir, looked)
+    if ds is not None:
+        return ds
+    if data_dir is None:
+        ds = _local(name, split, SHARED_DATA / name, looked)
+        if ds is not None:
+            return ds
+    raise DataError(f"no {name} {split} data found: looked for {'; '.join(looked)}"
+                    + ("" if data_dir is not None else "; pass --data-dir DIR with the standard files"))
+
+
+# ---------------------------------------------------------------- local standard files
+
+
+def _local(name, split, d: Path, looked):
+    return {"mnist": _mnist, "cifar10": _cifar10, "imagenet": _imagenet}[name](split, Path(d), looked)
+
+
+def _first_existing(d, names):
+    for n in names:
+        if (d / n).is_file():
+            return d / n
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped): magic 0x0000 08 ndim, big-endian int32 dims, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an uint8 IDX file")
+    ndim = data[3]
+    dims = np.frombuffer(data, ">i4", count=ndim, offset=4)
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({arr.size} bytes of data for shape {tuple(dims)})")
+    return arr.reshape(tuple(int(v) for v in dims))
+
+
+def _mnist(split, d, looked):
+    prefix = "t10k" if split == "test" else "train"
+    img_names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]
+    lab_names = [f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]
+    imgs, labs = _first_existing(d, img_names), _first_existing(d, lab_names)
+    looked.append(f"{d}/{img_names[0]}")
+    if imgs is None or labs is None:
+        return None
+    x, y = _read_idx(imgs), _read_idx(labs)
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):
+        raise DataError(f"{imgs}: expected N 28x28 images and N labels, got {x.shape} and {y.shape}")
+    return Dataset("mnist", split, 10, (28, 28, 1), len(x),
+                   lambda i: (x[i, :, :, None] / np.float32(255), y[i]), str(imgs.parent))
+
+
+def _cifar10(split, d, looked):
+    base = d / "cifar-10-batches-py"
+    files = [base / "test_batch"] if split == "test" else [base / f"data_batch_{k}" for k in range(1, 6)]
+    looked.append(str(files[0]))
+    if not all(f.is_file() for f in files):
+        return None
+    xs, ys = [], []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            data, labels = batch[b"data"], batch[b"labels"]
+        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as e:
+            raise DataError(f"{f}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        data = np.asarray(data, np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise DataError(f"{f}: expected (N, 3072) uint8 data and N labels, got {data.shape}, {len(labels)}")
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
+        ys.append(np.asarray(labels, np.int64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return Dataset("cifar10", split, 10, (32, 32, 3), len(x),
+                   lambda i: (x[i] / np.float32(255), y[i]), str(base))
+
+
+IMAGENET_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def _imagenet(split, d, looked):
+    root = d / ("val" if split == "test" else "train")
+    looked.append(f"{root}/<wnid>/*.JPEG")
+    if not root.is_dir():
+        return None
+    wnids = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = []
+    for c, w in enumerate(wnids):
+        files += [(p, c) for p in sorted((root / w).iterdir()) if p.suffix.lower() in IMAGENET_EXTENSIONS]
+    if not files:
+        return None
+    return Dataset("imagenet", split, 1000, (224, 224, 3), len(files),
+                   lambda i: (imagenet_transform(files[i][0]), files[i][1]), str(root))
+
+
+def resize_center_crop(img, size=256, crop=224):
+    """torchvision's Resize(size) (shorter side to ``size``, bilinear) then CenterCrop(crop), on a PIL image."""
+    from PIL import Image
+
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    img = img.resize((nw, nh), Image.BILINEAR)
+    top = int(round((nh - crop) / 2.0))
+    left = int(round((nw - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def imagenet_transform(path) -> np.ndarray:
+    """Cohen's ImageNet test transform: RGB, Resize(256), CenterCrop(224), to float32 HWC in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            img = resize_center_crop(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+    return np.asarray(img, np.float32) / np.float32(255)
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+
+def _tfds(name, split, data_dir, looked):
+    """The dataset through tfds if it is prepared there (random-access data source), else None."""
+    try:
+        import tensorflow_datasets as tfds
+    except Exception:  # tfds missing or broken: the local files are the other way in
+        return None
+    _, shape, tname, splits = DATASETS[name]
+    import logging
+
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # tfds warns about every version folder it does not find
+    try:
+        builder = tfds.builder(tname, data_dir=None if data_dir is None else str(data_dir))
+        prepared = builder.is_prepared()
+    except Exception:
+        return None
+    finally:
+        absl_log.setLevel(level)
+    looked.append(f"tensorflow-datasets {tname} in {builder.data_dir}")
+    if not prepared:
+        return None
+    try:
+        source = builder.as_data_source(split=splits[split])
+        length = len(source)
+    except Exception as e:
+        raise DataError(f"tensorflow-datasets {tname} is prepared in {builder.data_dir} but cannot be read "
+                        f"without TensorFlow ({type(e).__name__}: {e}); prepare it in the array_record "
+                        "format or pass --data-dir with the standard files") from None
+
+    def get(i):
+        ex = source[i]
+        img = np.asarray(ex["image"])
+        if name == "imagenet":
+            from PIL import Image
+
+            img = np.asarray(resize_center_crop(Image.fromarray(img).convert("RGB")))
+        return img.reshape(shape).astype(np.float32) / np.float32(255), int(ex["label"])
+
+    return Dataset(name, split, DATASETS[name][0], shape, length, get, f"tensorflow-datasets {builder.data_dir}")

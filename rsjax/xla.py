@@ -1,0 +1,126 @@
+"""Opt-in XLA / JAX settings for throughput, with what each was measured to do.
+
+Call :func:`apply` *before* JAX initialises its backend (before the first array is created);
+the benchmarks do it with ``--xla rsjax``. For the command line, opt in from the shell:
+``eval "$(python -m rsjax.xla)"`` exports ``XLA_FLAGS`` and the compilation-cache variables,
+which every later ``rsjax certify`` reads. Nothing here
+changes results beyond float rounding of the same function; every choice is recorded by the
+benchmarks in their JSON (``settings``, ``xla_flags``).
+
+Measured on the development machine (2-core AMD EPYC with AVX-512 + AVX512-BF16, jax 0.10.2,
+CIFAR ResNet-110, batch 200-400; see benchmarks/README.md for the numbers and the load):
+
+- ``CPU_FLAGS`` are the XLA:CPU flags that the A/B runs showed to help (empty if none did);
+  flags that were tried and did not help are listed in ``CPU_TRIED`` with the outcome, so that
+  nobody has to measure them again.
+- The persistent compilation cache (``jax_compilation_cache_dir``) removes the 10-20 s
+  compilation of a ResNet-110 counter from every run after the first with the same shapes;
+  it does not change the steady-state rate.
+- GPU: no GPU figure has been measured yet, so no GPU flag is recommended. XLA:GPU already
+  fuses conv + bias + ReLU through cuDNN, which BatchNorm folding (``rsjax.models.fold``)
+  enables; ``jax_default_matmul_precision`` stays at its default (TF32 on Ampere and later for
+  float32 convolutions) - pass ``precision="highest"`` to :func:`apply` to force full float32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# XLA:CPU flags measured to help (see module doc); applied by apply(platform="cpu").
+CPU_FLAGS: tuple[str, ...] = (
+    # Hand elementwise fusions, convolutions and dots to YNNPACK. The elementwise part is what
+    # helps: +18-27% ResNet-110 samples/s through the whole counter (noise + forward + counts),
+    # BN folded, float32, batch 200, in interleaved A/B runs. It makes threefry noise generation
+    # ~3x slower (still < 5% of a ResNet-110 step), which the measured figure includes.
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise,dot",
+)
+
+# Tried on the development machine (interleaved A/B against the default or CPU_FLAGS, folded
+# ResNet-110, batch 200); kept out of CPU_FLAGS because they did not help there.
+CPU_TRIED = {
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution": "-10% (convolutions alone via YNNPACK)",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot": "-20%",
+    "--xla_cpu_experimental_ynn_fusion_type=eltwise": "same as CPU_FLAGS (eltwise is the part that helps)",
+    "--xla_cpu_experimental_ynn_fusion_type=...,reduce": "no change",
+    "--xla_cpu_use_onednn=true": "within noise alone (+8% in one run); no gain on top of CPU_FLAGS",
+    "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true": "no gain (float32 and bfloat16)",
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise": "within noise",
+    "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,eltwise,dot": "-5%",
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY": "no gain",
+    "bfloat16 forward (--dtype bfloat16)": "no gain on XLA:CPU (within 5% of float32, with or without "
+                                          "these flags): XLA's CPU convolutions do not use AVX512-BF16 here",
+}
+
+GPU_FLAGS: tuple[str, ...] = ()
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rsjax" / "jax_cache"
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge._backends)  # noqa: SLF001 - no public query exists
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def merged_xla_flags(flags, existing: str = "") -> str:
+    """``existing`` XLA_FLAGS plus ``flags``; a flag the user already set keeps the user's value."""
+    have = {f.split("=", 1)[0] for f in existing.split()}
+    add = [f for f in flags if f.split("=", 1)[0] not in have]
+    return " ".join(existing.split() + add)
+
+
+def apply(platform: str | None = None, *, cache_dir=DEFAULT_CACHE, precision: str | None = None) -> dict:
+    """Apply the recommended settings; returns what was set (for the benchmark records).
+
+    ``platform``: "cpu" or "gpu" (default: from ``JAX_PLATFORMS``, else cpu and gpu flags
+    are both set - XLA ignores the other backend's flags). ``cache_dir=None`` disables the
+    persistent compilation cache. Raises RuntimeError if JAX's backend already started, since
+    XLA reads its flags only once.
+    """
+    if _backend_started():
+        raise RuntimeError("rsjax.xla.apply() must run before JAX creates its first array (XLA reads its flags once)")
+    platform = platform or os.environ.get("JAX_PLATFORMS", "").split(",")[0] or None
+    flags = list(CPU_FLAGS if platform in (None, "cpu") else ()) + list(GPU_FLAGS if platform in (None, "gpu", "cuda") else ())
+    os.environ["XLA_FLAGS"] = merged_xla_flags(flags, os.environ.get("XLA_FLAGS", ""))
+    out = {"xla_flags_added": flags}
+    # environment variables (not only jax.config) so that subprocesses - `rsjax certify` run by
+    # a benchmark - get the same settings
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
+        out["compilation_cache_dir"] = str(cache_dir)
+    if precision is not None:
+        os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = precision
+        out["default_matmul_precision"] = precision
+    import jax
+
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if precision is not None:
+        jax.config.update("jax_default_matmul_precision", precision)
+    return out
+
+
+def shell_exports(platform: str | None = "cpu", cache_dir=DEFAULT_CACHE) -> str:
+    """The same settings as shell ``export`` lines (``eval "$(python -m rsjax.xla)"`` opts a
+    shell - and every ``rsjax`` command run from it - in)."""
+    flags = list(CPU_FLAGS if platform in (None, "cpu") else ()) + list(GPU_FLAGS if platform in (None, "gpu") else ())
+    lines = [f"export XLA_FLAGS='{merged_xla_flags(flags, os.environ.get('XLA_FLAGS', ''))}'"]
+    if cache_dir is not None:
+        lines += [f"export JAX_COMPILATION_CACHE_DIR='{cache_dir}'", "export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1.0"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(shell_exports(sys.argv[1] if len(sys.argv) > 1 else "cpu"))
+
+
+__all__ = ["CPU_FLAGS", "CPU_TRIED", "GPU_FLAGS", "DEFAULT_CACHE", "apply", "merged_xla_flags", "shell_exports"]

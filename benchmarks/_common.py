@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -21,6 +22,30 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("cifar_resnet110", "cifar_resnet20", "resnet50", "lenet")
+
+
+def cohen_sample_noise(model, x, num, batch_size, sigma, num_classes):
+    """Cohen et al.'s ``Smooth._sample_noise`` (core.py), verbatim apart from the device: counts of
+    ``argmax model(x + sigma * eps)`` over ``num`` draws, ``batch_size`` at a time (``x.repeat``,
+    ``randn_like``, forward under ``no_grad``, counts on the host with a Python loop)."""
+    import torch
+
+    def _count_arr(arr, length):
+        counts = np.zeros(length, dtype=int)
+        for idx in arr:
+            counts[idx] += 1
+        return counts
+
+    with torch.no_grad():
+        counts = np.zeros(num_classes, dtype=int)
+        for _ in range(math.ceil(num / batch_size)):
+            this_batch_size = min(batch_size, num)
+            num -= this_batch_size
+            batch = x.repeat((this_batch_size, 1, 1, 1))
+            noise = torch.randn_like(batch) * sigma
+            predictions = model(batch + noise).argmax(1)
+            counts += _count_arr(predictions.cpu().numpy(), num_classes)
+        return counts
 
 
 def cpu_model() -> str:

@@ -68,23 +68,8 @@ def cohen_certify(model, x, n0, n, alpha, batch, sigma, num_classes):
     import torch
     from scipy.stats import beta, norm
 
-    def _count_arr(arr, length):
-        counts = np.zeros(length, dtype=int)
-        for idx in arr:
-            counts[idx] += 1
-        return counts
-
     def _sample_noise(num):
-        with torch.no_grad():
-            counts = np.zeros(num_classes, dtype=int)
-            for _ in range(math.ceil(num / batch)):
-                this_batch_size = min(batch, num)
-                num -= this_batch_size
-                b = x.repeat((this_batch_size, 1, 1, 1))
-                noise = torch.randn_like(b) * sigma
-                predictions = model(b + noise).argmax(1)
-                counts += _count_arr(predictions.cpu().numpy(), num_classes)
-            return counts
+        return _common.cohen_sample_noise(model, x, num, batch, sigma, num_classes)
 
     model.eval()
     c_hat = _sample_noise(n0).argmax().item()

@@ -102,23 +102,8 @@ def torch_reference_runner(model, meta, args):
     x = torch.rand(c, h, w, generator=torch.Generator().manual_seed(123))
     num_classes, batch_size, sigma = meta["num_classes"], args.batch, args.sigma
 
-    def _count_arr(arr, length):
-        counts = np.zeros(length, dtype=int)
-        for idx in arr:
-            counts[idx] += 1
-        return counts
-
     def _sample_noise(num):
-        with torch.no_grad():
-            counts = np.zeros(num_classes, dtype=int)
-            for _ in range(math.ceil(num / batch_size)):
-                this_batch_size = min(batch_size, num)
-                num -= this_batch_size
-                batch = x.repeat((this_batch_size, 1, 1, 1))
-                noise = torch.randn_like(batch) * sigma
-                predictions = model(batch + noise).argmax(1)
-                counts += _count_arr(predictions.cpu().numpy(), num_classes)
-            return counts
+        return _common.cohen_sample_noise(model, x, num, batch_size, sigma, num_classes)
 
     return lambda rep: _sample_noise(batch_size * args.steps)
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rsjax.core.sampler import num_steps, scan_counts
+from rsjax.core.sampler import balanced_steps, scan_counts
 from rsjax.errors import RsjaxError
 
 AXIS = "d"
@@ -64,8 +64,7 @@ def make_parallel_counter(f, num_classes: int, *, samples_per_step: int, devices
     @functools.partial(jax.jit, static_argnames=("num",))
     def counts(x, sigma, keys, num: int, offset=0):
         q = -(-num // n_dev)
-        b = min(samples_per_step, q)
-        steps = num_steps(q, b)
+        steps, b = balanced_steps(q, samples_per_step)
         sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
         offset = jnp.asarray(offset, jnp.uint32)
 

@@ -1,9 +1,10 @@
-"""Opt-in XLA / JAX settings for throughput, with what each was measured to do.
+"""XLA / JAX settings for throughput, with what each was measured to do.
 
-Call :func:`apply` *before* JAX initialises its backend (before the first array is created);
-the benchmarks do it with ``--xla rsjax``. For the command line, opt in from the shell:
-``eval "$(python -m rsjax.xla)"`` exports ``XLA_FLAGS`` and the compilation-cache variables,
-which every later ``rsjax certify`` reads. Nothing here
+Call :func:`apply` *before* JAX initialises its backend (before the first array is created).
+``rsjax certify`` and ``rsjax predict`` call it by default (``RSJAX_XLA=default`` in the
+environment opts out; flags the user already put in ``XLA_FLAGS`` win); the benchmarks do it
+with ``--xla rsjax``; a shell can export the same settings with ``eval "$(python -m rsjax.xla)"``.
+Nothing here
 changes results beyond float rounding of the same function; every choice is recorded by the
 benchmarks in their JSON (``settings``, ``xla_flags``).
 
@@ -13,9 +14,9 @@ CIFAR ResNet-110, batch 200-400; see benchmarks/README.md for the numbers and th
 - ``CPU_FLAGS`` are the XLA:CPU flags that the A/B runs showed to help (empty if none did);
   flags that were tried and did not help are listed in ``CPU_TRIED`` with the outcome, so that
   nobody has to measure them again.
-- The persistent compilation cache (``jax_compilation_cache_dir``) removes the 10-20 s
-  compilation of a ResNet-110 counter from every run after the first with the same shapes;
-  it does not change the steady-state rate.
+- The persistent compilation cache (``jax_compilation_cache_dir``) lets a later run with the same
+  model and shapes load compiled counters instead of compiling them; it does not change the
+  steady-state rate, and its saving on ``rsjax certify`` start-up has not been isolated yet.
 - GPU: no GPU figure has been measured yet, so no GPU flag is recommended. XLA:GPU already
   fuses conv + bias + ReLU through cuDNN, which BatchNorm folding (``rsjax.models.fold``)
   enables; ``jax_default_matmul_precision`` stays at its default (TF32 on Ampere and later for
@@ -30,8 +31,8 @@ from pathlib import Path
 # XLA:CPU flags measured to help (see module doc); applied by apply(platform="cpu").
 CPU_FLAGS: tuple[str, ...] = (
     # Hand elementwise fusions, convolutions and dots to YNNPACK. The elementwise part is what
-    # helps: +18-27% ResNet-110 samples/s through the whole counter (noise + forward + counts),
-    # BN folded, float32, batch 200, in interleaved A/B runs. It makes threefry noise generation
+    # helps: ResNet-110 counter (noise + forward + counts, BN folded, float32, batch 400) 316 ->
+    # 515 samples/s at low load (benchmarks/results), +18-27% in interleaved A/B runs under load. It makes threefry noise generation
     # ~3x slower (still < 5% of a ResNet-110 step), which the measured figure includes.
     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise,dot",
 )

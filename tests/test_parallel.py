@@ -140,3 +140,55 @@ def test_xla_settings_keep_the_users_flags():
     got = merged_xla_flags(["--a=1", "--b=2"], "--b=7 --xla_force_host_platform_device_count=4")
     assert got.split() == ["--b=7", "--xla_force_host_platform_device_count=4", "--a=1"]
     assert merged_xla_flags([], "") == ""
+
+
+@pytest.mark.parametrize("choice", ["rsjax", "default"])
+def test_device_commands_apply_the_xla_settings_unless_opted_out(choice, tmp_path):
+    """`rsjax certify/predict` set rsjax.xla's flags before JAX starts; RSJAX_XLA=default opts out."""
+    code = ("import os, jax; from rsjax.cli import apply_xla_settings; from rsjax.xla import CPU_FLAGS; "
+            "apply_xla_settings(); jax.numpy.zeros(1); flags = os.environ.get('XLA_FLAGS', '').split(); "
+            "print(all(f in flags for f in CPU_FLAGS), any(f in flags for f in CPU_FLAGS))")
+    env = _env(RSJAX_XLA=choice, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == (["True", "True"] if choice == "rsjax" else ["False", "False"])
+
+
+def _rows_without_time(path):
+    lines = [ln for ln in open(path).read().splitlines() if not ln.startswith("#")]
+    t = lines[0].split("\t").index("time")
+    return [tuple(c for j, c in enumerate(ln.split("\t")) if j != t) for ln in lines]
+
+
+def test_certify_command_distributed_over_two_processes_merges_into_the_single_run(tmp_path, shared_data):
+    """`rsjax certify --distributed` in two local processes (jax.distributed on CPU), real MNIST
+    LeNet: each writes its share as OUTFILE.part<k>of2; `rsjax merge` gives the single run's rows."""
+    from converters.pytorch import convert_checkpoint
+
+    model = tmp_path / "lenet"
+    convert_checkpoint(shared_data / "models/mnist_lenet_noise0.25/checkpoint.pth.tar", model, log=lambda s: None)
+    out, single = tmp_path / "dist.tsv", tmp_path / "single.tsv"
+    common = ["mnist", str(model), "0.25", None, "--N0", "20", "--N", "200", "--batch", "200", "--skip", "1500",
+              "--no-progress"]
+
+    def cmd(path, *extra):
+        args = list(common)
+        args[3] = str(path)
+        return [sys.executable, "-m", "rsjax", "certify"] + args + list(extra)
+
+    port = _free_port()
+    procs = [subprocess.Popen(cmd(out, "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                  "--process-id", str(k)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(2)]
+    logs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, logs):
+        assert p.returncode == 0, o + e[-3000:]
+    r = subprocess.run(cmd(single), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parts = [_rows_without_time(part_path(out, k, 2)) for k in range(2)]
+    assert [int(row[0]) for row in parts[0][1:]] == [0, 3000, 6000, 9000]
+    assert [int(row[0]) for row in parts[1][1:]] == [1500, 4500, 7500]
+    merged = tmp_path / "merged.tsv"
+    assert main(["merge", part_path(out, 0, 2), part_path(out, 1, 2), "-o", str(merged)]) == 0
+    assert _rows_without_time(merged) == _rows_without_time(single)

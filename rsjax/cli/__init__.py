@@ -4,13 +4,21 @@ Each subcommand module defines ``add_parser(subparsers)`` (registers its argumen
 sets ``func``) and is imported only when its subcommand runs, so ``rsjax --help`` is fast.
 Errors that are the user's fault raise :class:`rsjax.errors.RsjaxError` and are printed as
 one line ``rsjax <cmd>: error: ...`` with exit status 2.
+
+The commands that run models (``certify``, ``predict``) first apply :mod:`rsjax.xla`'s measured
+XLA settings (CPU flags that help, persistent compilation cache); ``RSJAX_XLA=default`` in the
+environment leaves XLA's defaults. Flags the user already set in ``XLA_FLAGS`` win.
 """
 
 import argparse
 import importlib
+import os
 import sys
 
 from rsjax.errors import RsjaxError
+
+# subcommands that run models on the device: they get rsjax.xla's settings
+DEVICE_COMMANDS = ("certify", "predict")
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -42,10 +50,23 @@ def build_parser(argv=None):
     return parser
 
 
+def apply_xla_settings():
+    """rsjax.xla.apply() unless RSJAX_XLA=default or JAX already started (flags are read once)."""
+    if os.environ.get("RSJAX_XLA", "rsjax") == "default":
+        return None
+    from rsjax import xla
+
+    if xla._backend_started():
+        return None
+    return xla.apply()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.command in DEVICE_COMMANDS:
+        apply_xla_settings()
     try:
         return args.func(args) or 0
     except RsjaxError as e:

@@ -169,6 +169,11 @@ def run(args):
     from rsjax.data import load_dataset
 
     _validate(args)
+    process = (0, 1)
+    if args.distributed:  # before anything touches the XLA backend
+        from rsjax.parallel import initialize
+
+        process = initialize(args.coordinator, args.num_processes, args.process_id)
     certify = args._command == "certify"
     method = None
     if certify:
@@ -197,10 +202,9 @@ def run(args):
     indices = select_indices(len(ds), args.skip, args.max)
     outfile = args.outfile
     if args.distributed:
-        from rsjax.parallel import host_share, initialize, part_path
+        from rsjax.parallel import host_share, part_path
 
-        k, n_proc = initialize(args.coordinator, args.num_processes, args.process_id)
-        indices, outfile = host_share(indices, k, n_proc), part_path(args.outfile, k, n_proc)
+        indices, outfile = host_share(indices, *process), part_path(args.outfile, *process)
     writer = ResultWriter(outfile, columns, _settings(args, method, meta), overwrite=args.overwrite)
     try:
         if writer.resumed:

@@ -40,13 +40,34 @@ search interval where the smoothed classifier flips to another class would pass 
 that class's radius].
 
 Draws per image (n = --gradient_n): selection n, search 2 n S_ref (bisection) or R C n_c <=
-2 n S_ref (grid), check 2 n. Noise purposes: selection and search use the ``search`` stream
+2 n S_ref (grid), check 2 n.
+
+Search budget (``--qcrs-budget B``, draws per image for selection + search + check, every
+noisy forward pass counted, i.e. a round of C candidates x n_c draws costs C n_c). ``reference``
+(default) is the reference's total B_ref = n (3 + 2 S_ref). Otherwise B is a number of draws or
+a percentage of the certificate's --N ("3%" = floor(0.03 N)), and it is split in the reference's
+proportions, i.e. the plan is the reference's at the effective
+
+    n_B = floor(B / (3 + 2 S_ref))                   (replaces n = --gradient_n)
+    selection n_B,  check 2 n_B (n_B at sigma0 and at sigma*, common draws),
+    grid: n_c = floor((B - 3 n_B) / (R C)) draws per candidate per round (R, C as above),
+    bisection: 2 n_B per slope (S_ref slopes),
+
+so the draws used are 3 n_B + R C n_c <= B (grid) and n_B (3 + 2 S_ref) <= B (bisection), and
+B = B_ref gives back n_B = n and the reference plan exactly. The sampler call structure is
+unchanged (one call per round: images x candidates x draws). With B << B_ref the grid's
+candidates see few draws each; because the C candidates of an image share their draws (common
+random numbers) their comparison is paired, so the argmax stays stable, but the curve being
+maximised is the CP curve at n_c draws, whose maximiser can differ from the one at n draws
+(a smaller n_c caps Phi^{-1}(pL) lower, which moves the maximiser, usually to larger sigma).
+E.g. CIFAR sigma 0.25 settings (S_ref 5, R 2, C 16), B = 3000 = 3% of N = 100,000: n_B = 230,
+selection 230 + check 460 + grid 2 x 16 x 72 = 2994 draws (reference: 6,500). Noise purposes: selection and search use the ``search`` stream
 (sub-streams 0, 1, 2, ...), the check the ``check`` stream; the final certificate uses only
 ``select``/``estimate``, so none of the search's draws is reused (sample splitting).
 
 Command line (reference-compatible names, same meaning): --epsilon, --left, --right,
---epsilon_step, --gradient_n; sigma0 is the certify command's SIGMA. Extra: --qcrs-search
-{grid,bisection}, --qcrs-candidates C, --qcrs-alpha (search CP alpha, 0.001 as hard-coded in the
+--epsilon_step, --gradient_n; sigma0 is the certify command's SIGMA. Extra: --qcrs-budget
+{reference,DRAWS,PCT%}, --qcrs-search {grid,bisection}, --qcrs-candidates C, --qcrs-alpha (search CP alpha, 0.001 as hard-coded in the
 reference), --qcrs-no-check, --qcrs-memory (DDRS-style memory check, guarantee ``memory``).
 Output extras: best_sigma and pABar (the reference's name for the final certificate's pA_lower, also in the pA_lower column).
 """
@@ -80,6 +101,7 @@ class QCRSConfig:
     candidates: int = 16
     search: str = "grid"
     check: bool = True
+    budget: int | None = None  # total search draws per image; None: the reference's (see module doc)
 
     def validate(self):
         check_positive("--epsilon", self.epsilon)
@@ -94,6 +116,13 @@ class QCRSConfig:
             raise RsjaxError(f"--qcrs-search must be grid or bisection, got {self.search!r}")
         if int(self.candidates) != self.candidates or self.candidates < 4:
             raise RsjaxError(f"--qcrs-candidates must be an integer >= 4, got {self.candidates}")
+        if self.budget is not None:
+            if int(self.budget) != self.budget or self.budget < 1:
+                raise RsjaxError(f"--qcrs-budget must be a positive number of draws, got {self.budget}")
+            need = minimum_budget(self)
+            if self.budget < need:
+                raise RsjaxError(f"--qcrs-budget {self.budget} draws is too small: this search needs at least "
+                                 f"{need} (1 draw per selection/check evaluation and per candidate)")
         return self
 
     @property
@@ -112,25 +141,97 @@ def reference_slopes(left, right, epsilon) -> int:
     return slopes
 
 
-def plan_grid(cfg: QCRSConfig):
-    """(rounds R, draws per candidate n_c) of the grid search for ``cfg`` (see module doc)."""
+def grid_rounds(cfg: QCRSConfig) -> int:
+    """R: the least rounds with (right - left) (2/(C-1))^R <= epsilon (at least 1)."""
     C = int(cfg.candidates)
     width = cfg.right - cfg.left
     rounds = 0
     while width > cfg.epsilon:
         width *= 2.0 / (C - 1)
         rounds += 1
-    rounds = max(rounds, 1)
-    budget = 2 * cfg.gradient_n * reference_slopes(cfg.left, cfg.right, cfg.epsilon)
-    n_c = budget // (rounds * C)
+    return max(rounds, 1)
+
+
+def reference_budget(cfg: QCRSConfig) -> int:
+    """B_ref = n (3 + 2 S_ref): the reference's draws per image (selection, slopes, check)."""
+    return cfg.gradient_n * (3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon))
+
+
+def effective_n(cfg: QCRSConfig) -> int:
+    """n_B: draws per selection / check evaluation (and per slope side of the bisection).
+
+    --gradient_n without a budget; floor(B / (3 + 2 S_ref)) with a budget B (module doc)."""
+    if cfg.budget is None:
+        return int(cfg.gradient_n)
+    return int(cfg.budget) // (3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon))
+
+
+def minimum_budget(cfg: QCRSConfig) -> int:
+    """Least B with n_B >= 1 and (grid) n_c >= 1."""
+    base = 3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon)
+    if cfg.search == "grid":
+        return max(base, 3 + grid_rounds(cfg) * int(cfg.candidates))
+    return base
+
+
+def plan_grid(cfg: QCRSConfig):
+    """(rounds R, draws per candidate n_c) of the grid search for ``cfg`` (see module doc):
+    n_c = floor(2 n S_ref / (R C)) (reference budget) or floor((B - 3 n_B) / (R C)) (budget B)."""
+    C = int(cfg.candidates)
+    rounds = grid_rounds(cfg)
+    if cfg.budget is None:
+        grid = 2 * cfg.gradient_n * reference_slopes(cfg.left, cfg.right, cfg.epsilon)
+    else:
+        grid = int(cfg.budget) - 3 * effective_n(cfg)
+    n_c = grid // (rounds * C)
     if n_c < 1:
-        raise RsjaxError(f"--gradient_n {cfg.gradient_n} is too small for {C} candidates x {rounds} rounds")
+        what = f"--gradient_n {cfg.gradient_n}" if cfg.budget is None else f"--qcrs-budget {cfg.budget}"
+        raise RsjaxError(f"{what} is too small for {C} candidates x {rounds} rounds")
     return rounds, int(n_c)
+
+
+def parse_budget(text, N=None):
+    """--qcrs-budget value -> draws per image (int) or None for ``reference``.
+
+    Forms: ``reference``; a positive integer number of draws (``3000``); a percentage of the
+    certificate's N (``3%`` -> floor(0.03 N))."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        v = float(text)
+        if v != int(v) or v < 1:
+            raise RsjaxError(f"--qcrs-budget must be 'reference', a positive whole number of draws or a percentage of --N like 3%, got {text!r}")
+        return int(v)
+    t = text.strip().lower()
+    if t == "reference":
+        return None
+    bad = (f"--qcrs-budget must be 'reference', a positive whole number of draws or a percentage of --N "
+           f"like 3%, got {text!r}")
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise RsjaxError(bad) from None
+        if not (0.0 < pct <= 100.0) or not np.isfinite(pct):
+            raise RsjaxError(f"--qcrs-budget percentage must be in (0, 100], got {text!r}")
+        if N is None:
+            raise RsjaxError(f"--qcrs-budget {text} needs --N (the certificate's draws) to be known")
+        draws = int(np.floor(pct / 100.0 * int(N) + 1e-9))
+        if draws < 1:
+            raise RsjaxError(f"--qcrs-budget {text} of N = {N} is less than one draw")
+        return draws
+    try:
+        v = float(t)
+    except ValueError:
+        raise RsjaxError(bad) from None
+    if not np.isfinite(v) or v != int(v) or v < 1:
+        raise RsjaxError(bad)
+    return int(v)
 
 
 def search_draws(cfg: QCRSConfig) -> dict:
     """Draws per image of each phase (selection, search, check) and sequential sampler rounds."""
-    n = cfg.gradient_n
+    n = effective_n(cfg)
     if cfg.search == "grid":
         rounds, n_c = plan_grid(cfg)
         search, seq = rounds * cfg.candidates * n_c, rounds
@@ -139,7 +240,8 @@ def search_draws(cfg: QCRSConfig) -> dict:
         search, seq = 2 * n * slopes, slopes
     check = 2 * n if cfg.check else 0
     return {"select": n, "search": search, "check": check, "total": n + search + check,
-            "search_rounds": seq, "sequential_calls": 1 + seq + (1 if cfg.check else 0)}
+            "search_rounds": seq, "sequential_calls": 1 + seq + (1 if cfg.check else 0),
+            "budget": reference_budget(cfg) if cfg.budget is None else int(cfg.budget)}
 
 
 class QCRS:
@@ -155,7 +257,7 @@ class QCRS:
 
     # --- phases -------------------------------------------------------------------------------
     def select_class(self, x, sigma0, keys):
-        counts = self.counter(x, np.asarray(sigma0)[:, None], round_keys(keys, 0), self.cfg.gradient_n)
+        counts = self.counter(x, np.asarray(sigma0)[:, None], round_keys(keys, 0), effective_n(self.cfg))
         return np.argmax(counts[:, 0], axis=-1)
 
     def grid_search(self, x, cA, keys):
@@ -191,7 +293,7 @@ class QCRS:
 
         cfg = self.cfg
         m = x.shape[0]
-        n, h = cfg.gradient_n, cfg.h
+        n, h = effective_n(cfg), cfg.h
         L = np.full(m, cfg.left, np.float64)
         U = np.full(m, cfg.right, np.float64)
         last = np.zeros(m, np.int8)  # 0: no move recorded, +1 / -1: last recorded move
@@ -223,7 +325,7 @@ class QCRS:
         radius 0, as in the slopes [D: so the check can never switch to a sigma at which the
         smoothed classifier predicts another class than at sigma0]."""
         sig = np.stack([sigma0, sigma_star], axis=1)
-        counts = self.counter(x, sig, round_keys(keys, 0), self.cfg.gradient_n)
+        counts = self.counter(x, sig, round_keys(keys, 0), effective_n(self.cfg))
         rad, _ = estimated_radius(counts, cA[:, None], sig, self.cfg.alpha)
         return np.where(rad[:, 1] > rad[:, 0], sigma_star, sigma0), rad
 
@@ -255,6 +357,10 @@ def add_arguments(parser):
                    help="finite-difference step h = epsilon / epsilon_step (bisection search)")
     g.add_argument("--gradient_n", type=int, default=d.gradient_n,
                    help="draws per evaluation of the reference (selection, each slope side, check)")
+    g.add_argument("--qcrs-budget", default="reference", metavar="reference|DRAWS|PCT%",
+                   help="total search draws per image (selection + search + check): 'reference' (default: "
+                        "the reference's n (3 + 2 S_ref) with n = --gradient_n), a number of draws, or a "
+                        "percentage of --N such as 3%%; split in the reference's proportions (module doc)")
     g.add_argument("--qcrs-search", choices=("grid", "bisection"), default=d.search,
                    help="grid: vectorised C-candidate search (default); bisection: the reference's")
     g.add_argument("--qcrs-candidates", type=int, default=d.candidates, help="candidates per grid round (C)")
@@ -276,6 +382,7 @@ def config_from_args(args) -> QCRSConfig:
         candidates=getattr(args, "qcrs_candidates", d.candidates),
         search=getattr(args, "qcrs_search", d.search),
         check=not getattr(args, "qcrs_no_check", False),
+        budget=parse_budget(getattr(args, "qcrs_budget", None), getattr(args, "N", None)),
     ).validate()
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rsjax.core.io import read_text
 from rsjax.errors import RsjaxError
 
 COHEN_CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -212,14 +213,7 @@ def load_results(path, label: str | None = None) -> Results:
     negative radius, repeated idx, no rows) raises :class:`RsjaxError` naming the file and line.
     """
     path = Path(path)
-    if not path.exists():
-        raise RsjaxError(f"{path}: no such file")
-    if not path.is_file():
-        raise RsjaxError(f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RsjaxError(f"{path}: not a text file (not UTF-8)") from None
+    text = read_text(path)
 
     settings, header, rows, lines = {}, None, [], []
     for lineno, line in enumerate(text.splitlines(), start=1):

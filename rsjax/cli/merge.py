@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from rsjax.core.io import read_text
 from rsjax.errors import RsjaxError
 
 PART_RE = re.compile(r"\.part(\d+)of(\d+)$")
@@ -39,12 +40,7 @@ def add_parser(parser, name):
 def read_part(path):
     """(settings lines, header cells, rows as lists of str) of one TSV; RsjaxError if malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise RsjaxError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RsjaxError(f"{path}: not a text file") from None
+    text = read_text(path)
     if text and not text.endswith("\n"):
         raise RsjaxError(f"{path}: the last line is unfinished (a run was interrupted); resume it with the same "
                          "`rsjax certify` command before merging")

@@ -31,6 +31,19 @@ CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
 
 
+def read_text(path) -> str:
+    """The UTF-8 text of a result file; RsjaxError naming it if it is missing, not a file or binary."""
+    path = Path(path)
+    if not path.exists():
+        raise RsjaxError(f"{path}: no such file")
+    if not path.is_file():
+        raise RsjaxError(f"{path}: not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RsjaxError(f"{path}: not a text file (not UTF-8)") from None
+
+
 def format_value(v) -> str:
     """One TSV cell: ints as ints, floats with ``repr`` (round-trips exactly), strings as they are."""
     if isinstance(v, bool):

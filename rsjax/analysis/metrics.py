@@ -87,8 +87,11 @@ def high_prob_accuracy(res: Results, radii, alpha: float, rho: float) -> np.ndar
 def best_per_radius(acc: np.ndarray) -> np.ndarray:
     """Boolean mask (files x radii) of the best file at each radius: every file whose accuracy
     equals the column maximum. Cohen's tables mark ``argmax`` (the first of tied rows); here all
-    tied rows are marked, and a column whose maximum is 0 (or NaN everywhere) is not marked."""
+    tied rows are marked, and a column whose maximum is 0 (or NaN everywhere) is not marked.
+    A single file is compared with nothing, so nothing is marked."""
     acc = np.asarray(acc, dtype=np.float64)
+    if acc.shape[0] < 2:
+        return np.zeros(acc.shape, bool)
     col_max = envelope(acc)
     return (acc == col_max[None, :]) & (col_max[None, :] > 0)
 

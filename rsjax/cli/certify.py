@@ -276,11 +276,11 @@ def _loop(args, ds, todo, group, smoother, writer, chooser, memory, method, extr
                     row = [int(idx[i]), int(labels[i]), int(pred[i]), correct, seconds]
                 writer.write(row)
                 done_correct.append(correct)
-            bar.update(len(idx))
             post = {"acc": f"{np.mean(done_correct):.3f}"}
             if certify:
                 post["ACR"] = f"{np.mean(np.asarray(done_correct) * np.asarray(done_radius)):.3f}"
-            bar.set_postfix(post, refresh=False)
+            bar.set_postfix(post, refresh=False)  # shown by the update below, with this group counted
+            bar.update(len(idx))
 
 
 def _summary_of(writer, certify):

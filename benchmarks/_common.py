@@ -154,6 +154,11 @@ def machine() -> dict:
     }
 
 
+def device_label(rec: dict) -> str:
+    """The device column of a result row: the GPU model, or the CPU model and its core count."""
+    return rec["gpu_model"] if rec["platform"] == "gpu" else f"{rec['cpu_model']} ({rec['cpu_count']} cores)"
+
+
 def write_result(kind: str, record: dict, md_row: str, md_header: str) -> Path:
     """benchmarks/results/<kind>_<model>_b<batch>_<dtype>_<platform>_<utc time>.json, plus the
     markdown row appended to benchmarks/results/<kind>.md (header written once)."""

@@ -224,7 +224,7 @@ def main(argv=None):
     }
     print(json.dumps(rec, indent=2))
     if not args.no_write:
-        dev = rec["gpu_model"] if rec["platform"] == "gpu" else f"{rec['cpu_model']} ({rec['cpu_count']} cores)"
+        dev = _common.device_label(rec)
         row = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {args.model} | {args.batch} | {args.dtype} | "
                f"{args.N0} + {args.N} | {dev} | {rs_s:.2f} | {th_s:.2f} | {th_s / rs_s:.2f}x | "
                f"{e2e_rate / raw:.3f} | {load_start[0]:.1f}/{load_end[0]:.1f} |")

@@ -279,7 +279,7 @@ def main(argv=None):
     if not args.no_write:
         fmt = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
         ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
-        dev = rec["gpu_model"] if rec["platform"] == "gpu" else f"{rec['cpu_model']} ({rec['cpu_count']} cores)"
+        dev = _common.device_label(rec)
         row = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {args.model} | {args.batch} | {args.dtype} | {dev} | "
                f"{fmt(rec['rsjax_samples_per_s'])} | {fmt(rec['torch_reference_samples_per_s'])} | "
                f"{fmt(rec['torch_tuned_samples_per_s'])} ({tuned_name or '-'}) | {ratio(rec['ratio_vs_reference'])} | "

@@ -25,7 +25,6 @@ smoothing core knows nothing about the architecture, only the pure function ``f`
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +168,3 @@ def choose_layout(num_images: int, num: int, batch_size: int):
     b = max(1, min(num, batch_size))
     m = max(1, min(num_images, batch_size // b))
     return m, b
-
-
-def steps_per_image(num: int, samples_per_step: int) -> int:
-    """Device steps spent on one image group for ``num`` draws (for progress/ETA)."""
-    return math.ceil(num / samples_per_step)

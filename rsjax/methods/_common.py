@@ -34,6 +34,20 @@ from rsjax.errors import RsjaxError
 ABSTAIN = -1
 
 
+def memory_factory(option_dest: str):
+    """``Method.memory`` for a method whose ``--<name>-memory`` flag is stored as ``option_dest``:
+    the DDRS memory (section 4.3) saved next to the output when the flag is on, else None."""
+
+    def memory(args, out_path):
+        if not getattr(args, option_dest, False):
+            return None
+        from rsjax.methods.memory import Memory
+
+        return Memory.for_output(out_path, fresh=getattr(args, "overwrite", False))
+
+    return memory
+
+
 def image_keys(seed, idx, purpose):
     from rsjax.core.sampler import image_keys as _image_keys
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from rsjax.errors import RsjaxError, check_count, check_positive
 from rsjax.methods import Method, register
-from rsjax.methods._common import method_keys, parse_float_list, training_sigma
+from rsjax.methods._common import memory_factory, method_keys, parse_float_list, training_sigma
 
 SIGMA_FLOOR = 1e-4
 
@@ -156,20 +156,12 @@ def build(args, f, meta):
     return chooser
 
 
-def _memory(args, out_path):
-    if not getattr(args, "ddrs_memory", False):
-        return None
-    from rsjax.methods.memory import Memory
-
-    return Memory.for_output(out_path, fresh=getattr(args, "overwrite", False))
-
-
 METHOD = register(Method(
     name="ddrs",
     guarantee="per-input",
     add_arguments=add_arguments,
     build=build,
-    memory=_memory,
+    memory=memory_factory("ddrs_memory"),
     extra_columns=("sigma0",),
     doc="DDRS: per-input sigma by gradient ascent (jax.grad) on the soft radius surrogate.",
 ))

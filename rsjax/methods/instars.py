@@ -45,6 +45,7 @@ from rsjax.methods._common import (
     CandidateCounter,
     batch_size_of,
     estimated_radius,
+    memory_factory,
     method_keys,
     num_classes_of,
     parse_float_list,
@@ -198,20 +199,12 @@ def build(args, f, meta):
     return chooser
 
 
-def _memory(args, out_path):
-    if not getattr(args, "instars_memory", False):
-        return None
-    from rsjax.methods.memory import Memory
-
-    return Memory.for_output(out_path, fresh=getattr(args, "overwrite", False))
-
-
 METHOD = register(Method(
     name="instars",
     guarantee="per-input",
     add_arguments=add_arguments,
     build=build,
-    memory=_memory,
+    memory=memory_factory("instars_memory"),
     extra_columns=("sigma_start", "search_radius"),
     doc="Insta-RS: multi-start multiplicative local search for the per-input sigma (spec section 6).",
 ))

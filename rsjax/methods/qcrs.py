@@ -84,6 +84,7 @@ from rsjax.methods._common import (
     CandidateCounter,
     batch_size_of,
     estimated_radius,
+    memory_factory,
     method_keys,
     num_classes_of,
     round_keys,
@@ -402,20 +403,12 @@ def build(args, f, meta):
     return chooser
 
 
-def _memory(args, out_path):
-    if not getattr(args, "qcrs_memory", False):
-        return None
-    from rsjax.methods.memory import Memory
-
-    return Memory.for_output(out_path, fresh=getattr(args, "overwrite", False))
-
-
 METHOD = register(Method(
     name="qcrs",
     guarantee="per-input",
     add_arguments=add_arguments,
     build=build,
-    memory=_memory,
+    memory=memory_factory("qcrs_memory"),
     extra_columns=("best_sigma", "pABar"),
     doc="QCRS: sigma maximising the estimated radius on [--left, --right] (vectorised quasiconcave search).",
 ))

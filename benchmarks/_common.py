@@ -97,20 +97,26 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0):
     return model, {k: v.detach().clone() for k, v in net.state_dict().items()}, meta
 
 
-def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True):
-    """(f, variables) : logits = f(x) for float32 NHWC x in [0, 1], the torch net's weights."""
+def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False):
+    """(f, variables) : logits = f(x) for float32 NHWC x in [0, 1], the torch net's weights.
+
+    ``fold``: BatchNorm folded into the convolutions; ``pack``: narrow convolutions width-packed
+    (rsjax.models.pack) - both the same function up to float rounding."""
     import jax
     import jax.numpy as jnp
 
     from converters.pytorch import torch_to_flax
     from rsjax.models import build_model
     from rsjax.models.fold import fold_bn
+    from rsjax.models.pack import pack_narrow
 
     arch, nc = meta["arch"], meta["num_classes"]
     variables = jax.device_put(torch_to_flax(state_dict, arch, nc))
     model = build_model(arch, nc, dtype=jnp.dtype(dtype))
     if fold:
         model, variables = fold_bn(model, variables)
+    if pack:
+        model, variables = pack_narrow(model, variables)
     mean = np.asarray(meta["mean"], np.float32)
     std = np.asarray(meta["std"], np.float32)
 

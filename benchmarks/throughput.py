@@ -4,7 +4,7 @@ Compares, on the same machine, model, weights and batch size:
 
 1. **rsjax**: :func:`rsjax.core.sampler.make_counter` (one jitted scan: noise, forward, argmax and
    histogram on the device; only the counts come back), with BatchNorm folded (``--no-fold`` to
-   disable) and the forward in ``--dtype``;
+   disable), narrow convolutions width-packed where that helps (``--pack``) and the forward in ``--dtype``;
 2. **PyTorch reference**: Cohen et al.'s ``Smooth._sample_noise`` exactly (``x.repeat``,
    ``randn_like``, forward, ``argmax``, ``.cpu().numpy()`` and the Python ``_count_arr`` loop), in
    eval mode under ``no_grad``;
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="rsjax forward dtype")
     p.add_argument("--checkpoint", default=None, help="a PyTorch checkpoint of --model (default: random weights)")
     p.add_argument("--no-fold", action="store_true", help="do not fold BatchNorm into the convolutions (rsjax)")
+    p.add_argument("--pack", default="auto", choices=("auto", "on", "off"),
+                   help="width-pack narrow convolutions (rsjax.models.pack); auto: where rsjax.xla says it helps")
     p.add_argument("--xla", default="default", choices=("default", "rsjax"),
                    help="'rsjax': apply rsjax.xla's recommended settings before JAX starts")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each contender (median reported)")
@@ -75,7 +77,7 @@ def rsjax_runner(state_dict, meta, args):
 
     from rsjax.core.sampler import image_keys, make_counter, noisy_copies
 
-    f, _ = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold)
+    f, _ = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold, pack=args.pack_narrow)
     h, w, c = meta["input_shape"]
     x = jax.random.uniform(jax.random.key(123), (1, h, w, c))
     sigma = jnp.full((1,), args.sigma, jnp.float32)
@@ -199,6 +201,10 @@ def main(argv=None):
     import jax
     import numpy as np
 
+    from rsjax.xla import pack_narrow_convs
+
+    args.pack_narrow = pack_narrow_convs() if args.pack == "auto" else args.pack == "on"
+    settings["pack_narrow"] = args.pack_narrow
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if args.torch_threads:
         import torch
@@ -284,7 +290,7 @@ def main(argv=None):
                f"{fmt(rec['rsjax_samples_per_s'])} | {fmt(rec['torch_reference_samples_per_s'])} | "
                f"{fmt(rec['torch_tuned_samples_per_s'])} ({tuned_name or '-'}) | {ratio(rec['ratio_vs_reference'])} | "
                f"{ratio(rec['ratio_vs_tuned'])} | {load_start[0]:.1f}/{load_end[0]:.1f} | "
-               f"xla={args.xla}, fold={not args.no_fold} |")
+               f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow} |")
         path = _common.write_result("throughput", rec, row, MD_HEADER)
         log(f"wrote {path}")
         print(row)

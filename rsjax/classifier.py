@@ -81,7 +81,7 @@ def read_meta(path):
     return meta
 
 
-def load_classifier(path, *, dtype="float32", fold_bn=True):
+def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
     """Load a converted model: ``(f, meta)`` with ``logits = f(x)``.
 
     ``x``: float32 ``(B, H, W, C)`` in [0, 1]; logits: float32 ``(B, num_classes)``. ``f`` is pure
@@ -89,7 +89,9 @@ def load_classifier(path, *, dtype="float32", fold_bn=True):
     bfloat16 (weights stored float32, logits returned float32). ``fold_bn=True`` (default) folds
     each BatchNorm into the preceding convolution (:mod:`rsjax.models.fold`): the same function up
     to float rounding (logits within 1e-6 in float32), faster; ``fold_bn=False`` evaluates the
-    network exactly as converted.
+    network exactly as converted. ``pack_narrow`` computes narrow 3x3 convolutions width-packed
+    (:mod:`rsjax.models.pack`, after folding; the same function up to float rounding); ``None`` (default) packs
+    where that was measured to be faster (:func:`rsjax.xla.pack_narrow_convs`).
 
     ``f.variables`` (the Flax variables), ``f.apply(variables, x)`` (the same function with the
     weights passed explicitly, preferable inside a large jit) and ``f.meta`` are attached.
@@ -122,10 +124,20 @@ def load_classifier(path, *, dtype="float32", fold_bn=True):
         from rsjax.models.fold import fold_variables
 
         variables, folded = fold_variables(variables)
-    meta = dict(meta, dtype=dtype, fold_bn=bool(folded))
+    if pack_narrow is None:
+        from rsjax.xla import pack_narrow_convs
+
+        pack_narrow = pack_narrow_convs()
+    packed = frozenset()
+    if pack_narrow:
+        from rsjax.models.pack import pack_variables
+
+        variables, packed = pack_variables(variables)
+    meta = dict(meta, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed))
 
     apply = _jitted_apply(arch, int(meta["num_classes"]), dtype,
-                          tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded)
+                          tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded,
+                          packed)
 
     def f(x):
         return apply(variables, x)
@@ -137,8 +149,8 @@ def load_classifier(path, *, dtype="float32", fold_bn=True):
 
 
 @lru_cache(maxsize=None)
-def _jitted_apply(arch, num_classes, dtype, mean, std, folded=frozenset()):
-    """One jitted ``apply(variables, x)`` per (architecture, dtype, normalisation, folded BNs), so
+def _jitted_apply(arch, num_classes, dtype, mean, std, folded=frozenset(), packed=frozenset()):
+    """One jitted ``apply(variables, x)`` per (architecture, dtype, normalisation, folded BNs, layout), so
     that models of the same architecture loaded in one process share their compiled code."""
     import jax
     import jax.numpy as jnp
@@ -150,6 +162,10 @@ def _jitted_apply(arch, num_classes, dtype, mean, std, folded=frozenset()):
         from rsjax.models.fold import FoldedModel
 
         model = FoldedModel(model, folded)
+    if packed:
+        from rsjax.models.pack import PackedModel
+
+        model = PackedModel(model, packed)
     return jax.jit(partial(_apply, model, np.asarray(mean, np.float32), np.asarray(std, np.float32)))
 
 

@@ -17,6 +17,9 @@ CIFAR ResNet-110, batch 200-400; see benchmarks/README.md for the numbers and th
 - The persistent compilation cache (``jax_compilation_cache_dir``) lets a later run with the same
   model and shapes load compiled counters instead of compiling them; it does not change the
   steady-state rate, and its saving on ``rsjax certify`` start-up has not been isolated yet.
+- ``pack_narrow_convs`` says where width-packing the narrow (<= 16-channel) 3x3 convolutions
+  (``rsjax.models.pack``) pays: with CPU_FLAGS, ResNet-110 520-528 -> 554-564 samples/s (+7%,
+  interleaved A/B); under XLA's default convolution emitter it is slower (328 -> 212), so it is off there.
 - GPU: no GPU figure has been measured yet, so no GPU flag is recommended. XLA:GPU already
   fuses conv + bias + ReLU through cuDNN, which BatchNorm folding (``rsjax.models.fold``)
   enables; ``jax_default_matmul_precision`` stays at its default (TF32 on Ampere and later for
@@ -51,9 +54,41 @@ CPU_TRIED = {
     "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY": "no gain",
     "bfloat16 forward (--dtype bfloat16)": "no gain on XLA:CPU (within 5% of float32, with or without "
                                           "these flags): XLA's CPU convolutions do not use AVX512-BF16 here",
+    # session 2 (ResNet-110 with real-valued BN biases, batch 400, low load, rsjax only, A/B)
+    "--xla_cpu_experimental_xnn_fusion_type=individual_convolution,eltwise,dot "
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY": "322 (= default XLA); with width packing 211",
+    "--xla_cpu_experimental_xnn_fusion_type=eltwise --xla_cpu_experimental_ynn_fusion_type=individual_convolution": "191 (packed)",
+    "width packing, bias added in the unpacked layout": "2.5x slower (212-232 vs 520): a relayout copy per layer; "
+                                                      "rsjax.models.pack adds folded-BN biases packed instead",
+    "packing 2 images into channels (block-diagonal 32x32 kernel)": "no gain over the unpacked 16-channel convolution",
+    "grouped convolution (feature_group_count=2) for the same": "~13x slower: no fast grouped path",
+    "shifted width packing (3x2 packed kernel, 1.33x instead of 2x the MACs)": "5% slower than the 3x3 packing",
+    "im2col / sum of 9 shifted dots instead of convolution": "4-40x slower (the patches are materialised)",
+    "Box-Muller noise instead of jax.random.normal's erf_inv": "+2-5% (erf_inv is slow under the YNNPACK eltwise "
+                                                              "fusion); not adopted: it would change every noise "
+                                                              "stream and so every documented result",
+    "batch per step 25 / 50 / 100 / 400": "within 4% of each other (no cache effect)",
 }
 
 GPU_FLAGS: tuple[str, ...] = ()
+
+# Width packing of narrow 3x3 convolutions (rsjax.models.pack) pays only where the convolutions
+# go to YNNPACK: folded ResNet-110 (real-valued biases), batch 400, float32, low load: 520-528 ->
+# 554-564 samples/s with CPU_FLAGS; without them (XLA's default convolution emitter) 328 -> 212.
+_YNN_CONV = "individual_convolution"
+
+
+def pack_narrow_convs(backend: str | None = None, xla_flags: str | None = None) -> bool:
+    """Whether width-packing narrow convolutions is the faster layout here: on CPU, when the XLA
+    flags hand convolutions to YNNPACK (as ``CPU_FLAGS`` do). ``backend`` defaults to JAX's
+    default backend, ``xla_flags`` to the ``XLA_FLAGS`` environment variable."""
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    ynn = [f.split("=", 1)[1] for f in flags.split() if f.startswith("--xla_cpu_experimental_ynn_fusion_type=")]
+    return backend == "cpu" and bool(ynn) and _YNN_CONV in ynn[-1].split(",")
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rsjax" / "jax_cache"
 
@@ -124,4 +159,5 @@ if __name__ == "__main__":
     print(shell_exports(sys.argv[1] if len(sys.argv) > 1 else "cpu"))
 
 
-__all__ = ["CPU_FLAGS", "CPU_TRIED", "GPU_FLAGS", "DEFAULT_CACHE", "apply", "merged_xla_flags", "shell_exports"]
+__all__ = ["CPU_FLAGS", "CPU_TRIED", "GPU_FLAGS", "DEFAULT_CACHE", "apply", "merged_xla_flags", "pack_narrow_convs",
+           "shell_exports"]

@@ -116,6 +116,7 @@ class FoldedModel:
     def __init__(self, module, folded_paths, eps: float = BN_EPS):
         self.module = module
         self.folded_paths = frozenset(folded_paths)
+        self.eps = eps
         self._interceptor = folded_bn_interceptor(self.folded_paths, eps)
 
     def apply(self, variables, *args, **kwargs):

@@ -1,7 +1,7 @@
 """``rsjax certify`` and ``rsjax predict``: drop-ins for Cohen et al.'s certify.py / predict.py.
 
     rsjax certify DATASET CHECKPOINT SIGMA OUTFILE [--N0 100] [--N 100000] [--alpha 0.001]
-                  [--batch 1000] [--skip 1] [--max -1] [--split test] [--seed 0]
+                  [--batch auto] [--skip 1] [--max -1] [--split test] [--seed 0]
                   [--data-dir DIR] [--overwrite] [--dtype float32] [--method cohen|...]
     rsjax predict DATASET CHECKPOINT SIGMA OUTFILE [--N 100000] [--alpha 0.001] [...]
 
@@ -39,7 +39,9 @@ def add_parser(parser, name):
         parser.add_argument("--N0", type=int, default=100, help="selection draws n0 (default 100)")
     parser.add_argument("--N", type=int, default=100_000, help="estimation draws n (default 100000)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    parser.add_argument("--batch", type=int, default=1000, help="forward batch size on the device (default 1000)")
+    parser.add_argument("--batch", default="auto",
+                        help="forward batch size on the device, or 'auto' (default): per model and device, "
+                             "see rsjax.core.batching")
     parser.add_argument("--skip", type=int, default=1, help="use every skip-th dataset index (default 1)")
     parser.add_argument("--max", type=int, default=-1, help="stop before this dataset index (default -1: all)")
     parser.add_argument("--split", default="test", help="test or train (default test)")
@@ -151,13 +153,30 @@ def _settings(args, method, meta):
     return s
 
 
+def resolve_batch(args, f, meta):
+    """``args.batch`` as an integer: ``auto`` becomes :func:`rsjax.core.batching.auto_batch_size`."""
+    if args.batch != "auto":
+        return args.batch
+    from rsjax.core.batching import auto_batch_size
+
+    batch, info = auto_batch_size(f, tuple(int(v) for v in meta["input_shape"]))
+    per = f", {info['bytes_per_sample'] / 2**20:.1f} MiB per input" if "bytes_per_sample" in info else ""
+    print(f"rsjax {args._command}: --batch auto -> {batch} ({info['platform']}{per})", file=sys.stderr)
+    return batch
+
+
 def _validate(args):
     check_positive("sigma", args.sigma)
     check_alpha(args.alpha)
     if args._command == "certify":
         check_count("N0", args.N0)
     check_count("N", args.N)
-    check_count("--batch", args.batch)
+    from rsjax.core.batching import parse_batch
+
+    try:
+        args.batch = parse_batch(args.batch)
+    except ValueError as e:
+        raise RsjaxError(str(e)) from None
     check_count("--skip", args.skip)
     if args.max != -1:
         check_count("--max", args.max, minimum=0)
@@ -213,6 +232,7 @@ def run(args):
                   f"{len(todo)} images to go", file=sys.stderr)
         else:
             todo = indices
+        args.batch = resolve_batch(args, f, meta)
         if certify and method.build is not None:
             chooser = method.build(args, f, meta)
         if certify and method.memory is not None:

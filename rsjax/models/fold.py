@@ -106,18 +106,18 @@ def folded_bn_interceptor(folded_paths, eps: float = BN_EPS):
     return interceptor
 
 
-class FoldedModel:
-    """``module`` with its folded BatchNorms computing ``y + b'``: ``.apply(folded_variables, x, ...)``.
+class InterceptedModel:
+    """A Flax ``module`` whose ``apply`` runs under a method interceptor: an inference-time rewrite
+    (BN folding, width packing) that leaves the module's code alone.
 
     Drop-in for the Flax module where only ``apply`` is used (e.g. ``load_classifier``); other
-    attributes (``dtype``, ...) are those of the wrapped module.
+    attributes (``dtype``, ...) are those of the wrapped module. Wrappers nest: the outer one's
+    interceptor sees each call first.
     """
 
-    def __init__(self, module, folded_paths, eps: float = BN_EPS):
+    def __init__(self, module, interceptor):
         self.module = module
-        self.folded_paths = frozenset(folded_paths)
-        self.eps = eps
-        self._interceptor = folded_bn_interceptor(self.folded_paths, eps)
+        self._interceptor = interceptor
 
     def apply(self, variables, *args, **kwargs):
         with nn.intercept_methods(self._interceptor):
@@ -125,6 +125,15 @@ class FoldedModel:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["module"], name)
+
+
+class FoldedModel(InterceptedModel):
+    """``module`` with its folded BatchNorms computing ``y + b'``: ``.apply(folded_variables, x, ...)``."""
+
+    def __init__(self, module, folded_paths, eps: float = BN_EPS):
+        self.folded_paths = frozenset(folded_paths)
+        self.eps = eps
+        super().__init__(module, folded_bn_interceptor(self.folded_paths, eps))
 
     def __repr__(self):
         return f"FoldedModel({type(self.module).__name__}, {len(self.folded_paths)} folded BatchNorms)"
@@ -143,4 +152,4 @@ def fold_bn(module, variables, eps: float = BN_EPS):
     return FoldedModel(module, paths, eps), folded_vars
 
 
-__all__ = ["BN_EPS", "FoldedModel", "fold_bn", "fold_variables", "folded_bn_interceptor"]
+__all__ = ["BN_EPS", "FoldedModel", "InterceptedModel", "fold_bn", "fold_variables", "folded_bn_interceptor"]

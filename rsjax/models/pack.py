@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rsjax.models.fold import InterceptedModel
+
 # a convolution is packed when both of its channel counts are at most this
 NARROW_CHANNELS = 16
 COLLECTION = "packed"
@@ -167,24 +169,16 @@ def packed_conv_interceptor(packed_paths, pack: int = 2, folded_bn_paths=frozens
     return interceptor
 
 
-class PackedModel:
+class PackedModel(InterceptedModel):
     """``module`` with its narrow convolutions computed width-packed: ``.apply(packed_variables, x)``."""
 
     def __init__(self, module, packed_paths, pack: int = 2):
-        self.module = module
         self.packed_paths = frozenset(packed_paths)
         self.pack = pack
         # wrapping a FoldedModel: its folded BatchNorms' bias adds are written packed too (this
         # interceptor is the outer one, so it sees them first)
         folded = getattr(module, "folded_paths", frozenset())
-        self._interceptor = packed_conv_interceptor(self.packed_paths, pack, folded, getattr(module, "eps", None))
-
-    def apply(self, variables, *args, **kwargs):
-        with nn.intercept_methods(self._interceptor):
-            return self.module.apply(variables, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["module"], name)
+        super().__init__(module, packed_conv_interceptor(self.packed_paths, pack, folded, getattr(module, "eps", None)))
 
     def __repr__(self):
         return f"PackedModel({self.module!r}, {len(self.packed_paths)} packed convolutions, P={self.pack})"

@@ -67,8 +67,29 @@ def gpu_model() -> str | None:
         return None
 
 
-def torch_model(arch: str, checkpoint=None, seed: int = 0):
-    """(torch Sequential(normaliser, net) in eval mode, net state dict, meta) for ``arch``."""
+def torch_device(choice: str = "auto") -> str:
+    """The PyTorch device of the benchmarks: ``auto`` = ``cuda`` when PyTorch sees a GPU, else ``cpu``."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--torch-device cuda: this PyTorch build sees no CUDA device "
+                         f"(torch {torch.__version__}); install a CUDA build or use --torch-device cpu")
+    return choice
+
+
+def same_device_note(rec: dict, torch_dev: str, log) -> bool:
+    """Whether JAX and PyTorch ran on the same kind of device; warns (and the records say so) if not."""
+    same = (rec["platform"] == "gpu") == (torch_dev == "cuda")
+    if not same:
+        log(f"WARNING: JAX ran on {rec['platform']} but PyTorch on {torch_dev}: the ratios do not compare "
+            f"the same machine's device")
+    return same
+
+
+def torch_model(arch: str, checkpoint=None, seed: int = 0, device: str = "cpu"):
+    """(torch Sequential(normaliser, net) in eval mode on ``device``, net state dict, meta) for ``arch``."""
     import torch
 
     from converters import torch_reference as tr
@@ -91,10 +112,10 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0):
         tr.randomize_batchnorm_(net, generator=g, calibrate=calib)
     norm = d["cohen_normalization"]
     mean, std = (list(d["mean"]), list(d["std"])) if norm == "meanstd" else ([0.0] * c, [1.0] * c)
-    model = tr.cohen_model(net, tr.NormalizeLayer(mean, std)).eval()
+    model = tr.cohen_model(net, tr.NormalizeLayer(mean, std)).eval().to(device)
     meta = {"arch": arch, "dataset": dataset, "num_classes": nc, "input_shape": [h, w, c], "mean": mean, "std": std,
             "weights": str(checkpoint) if checkpoint else f"random (seed {seed})"}
-    return model, {k: v.detach().clone() for k, v in net.state_dict().items()}, meta
+    return model, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, meta
 
 
 def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False):

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--skip", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--xla", default="default", choices=("default", "rsjax"))
+    p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device of the PyTorch reference (auto: cuda when PyTorch sees a GPU)")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -87,7 +89,7 @@ def torch_reference(model, xs, idx, labels, meta, args, log):
 
     times, rows = [], []
     for i in range(len(idx)):
-        x = torch.from_numpy(np.ascontiguousarray(xs[i].transpose(2, 0, 1)))
+        x = torch.from_numpy(np.ascontiguousarray(xs[i].transpose(2, 0, 1))).to(args.torch_dev)
         t = time.perf_counter()
         pred, radius = cohen_certify(model, x, args.N0, args.N, args.alpha, args.batch, args.sigma, meta["num_classes"])
         times.append(time.perf_counter() - t)
@@ -133,7 +135,9 @@ def main(argv=None):
     from rsjax.paths import SHARED_DATA
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    model, sd, meta = _common.torch_model(args.model, args.checkpoint)
+    args.torch_dev = _common.torch_device(args.torch_device)
+    settings["torch_device"] = args.torch_dev
+    model, sd, meta = _common.torch_model(args.model, args.checkpoint, device=args.torch_dev)
     ds_name = meta["dataset"]
     ds = load_dataset(ds_name, "test", SHARED_DATA / ds_name)
     idx = np.arange(0, args.images * args.skip, args.skip)
@@ -222,6 +226,7 @@ def main(argv=None):
         **_common.machine(),
         **{f"{k}_version": v for k, v in _common.versions().items()},
     }
+    rec["same_device"] = _common.same_device_note(rec, args.torch_dev, log)
     print(json.dumps(rec, indent=2))
     if not args.no_write:
         dev = _common.device_label(rec)

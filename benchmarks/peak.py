@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--xla", default="default", choices=("default", "rsjax"))
     p.add_argument("--throughput", default=None, help="a throughput_*.json to express as fractions of the ceilings")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -69,12 +70,19 @@ def jax_gemm_flops(n, dtype, reps):
     return 2 * n ** 3 / median_seconds(lambda: mm(a, b).block_until_ready(), reps)
 
 
-def torch_gemm_flops(n, dtype, reps):
+def torch_gemm_flops(n, dtype, reps, device="cpu"):
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def mm():
+        a @ b
+        sync()
+
     with torch.inference_mode():
-        return 2 * n ** 3 / median_seconds(lambda: a @ b, reps)
+        return 2 * n ** 3 / median_seconds(mm, reps)
 
 
 def model_flops(arch):
@@ -109,8 +117,9 @@ def main(argv=None):
     if not args.skip_torch:
         import torch
 
-        rates["torch_float32"] = torch_gemm_flops(args.n, torch.float32, args.reps)
-        rates["torch_bfloat16"] = torch_gemm_flops(args.n, torch.bfloat16, args.reps)
+        settings["torch_device"] = dev = _common.torch_device(args.torch_device)
+        rates["torch_float32"] = torch_gemm_flops(args.n, torch.float32, args.reps, dev)
+        rates["torch_bfloat16"] = torch_gemm_flops(args.n, torch.bfloat16, args.reps, dev)
     log("GEMM GFLOP/s: " + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in rates.items()))
     flops = model_flops(args.model)
     f32_peak = max(v for k, v in rates.items() if k.endswith("float32"))

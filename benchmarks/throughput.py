@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-compile", default="auto", choices=("auto", "on", "off"),
                    help="try torch.compile for tuned PyTorch (auto: use it if it compiles and is faster)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device of the PyTorch contenders (auto: cuda when PyTorch sees a GPU)")
     p.add_argument("--skip-torch", action="store_true", help="measure rsjax only")
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
     return p.parse_args(argv)
@@ -101,7 +103,7 @@ def torch_reference_runner(model, meta, args):
     import torch
 
     h, w, c = meta["input_shape"]
-    x = torch.rand(c, h, w, generator=torch.Generator().manual_seed(123))
+    x = torch.rand(c, h, w, generator=torch.Generator().manual_seed(123)).to(args.torch_dev)
     num_classes, batch_size, sigma = meta["num_classes"], args.batch, args.sigma
 
     def _sample_noise(num):
@@ -117,38 +119,48 @@ def torch_tuned_candidates(model, meta, args):
     import torch
 
     h, w, c = meta["input_shape"]
-    x = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(123))
+    x = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(123)).to(args.torch_dev)
     nc, b, sigma, steps = meta["num_classes"], args.batch, args.sigma, args.steps
-    bf16_ok = torch.backends.mkldnn.is_available() and _cpu_bf16()
     out = {}
     for layout in ("contiguous", "channels_last"):
         m = copy.deepcopy(model)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = m.to(memory_format=fmt)
-        for dtype in ("float32", "bfloat16") if bf16_ok else ("float32",):
+        for dtype in ("float32", "bfloat16") if _bf16_ok(args.torch_dev) else ("float32",):
             out[f"{dtype}+{layout}"] = _tuned_loop(m, x, fmt, dtype, nc, b, sigma, steps)
     return out
 
 
-def _cpu_bf16():
+def _bf16_ok(device):
+    """bfloat16 autocast where the device has fast bfloat16: AVX512-BF16 CPUs, bf16-capable GPUs."""
     import torch
 
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
     f = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(f and f())
+    return bool(torch.backends.mkldnn.is_available() and f and f())
 
 
 def _tuned_loop(m, x, fmt, dtype, nc, b, sigma, steps):
+    """Tuned sampling: inference_mode, the layout ``fmt``, autocast, on-device bincount, cuDNN autotuning
+    on a GPU; the counts' copy to the host ends the call (and waits for the device)."""
     import torch
 
     xb = x.repeat(b, 1, 1, 1).contiguous(memory_format=fmt)
+    dev = xb.device.type
 
     def run(rep, m=m):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            counts = torch.zeros(nc, dtype=torch.int64)
-            for _ in range(steps):
-                pred = m(xb + sigma * torch.randn_like(xb)).argmax(1)
-                counts += torch.bincount(pred, minlength=nc)
-            return counts.numpy()
+        bench = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # tuned only: Cohen's code leaves it off
+        try:
+            with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                counts = torch.zeros(nc, dtype=torch.int64, device=xb.device)
+                for _ in range(steps):
+                    pred = m(xb + sigma * torch.randn_like(xb)).argmax(1)
+                    counts += torch.bincount(pred, minlength=nc)
+                return counts.cpu().numpy()
+        finally:
+            torch.backends.cudnn.benchmark = bench
 
     return run
 
@@ -177,7 +189,7 @@ def try_compile(model, meta, args, variant, log):
     try:
         m = torch.compile(copy.deepcopy(model).to(memory_format=fmt))
         h, w, c = meta["input_shape"]
-        x = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(123))
+        x = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(123)).to(args.torch_dev)
         run = _tuned_loop(m, x, fmt, dtype, meta["num_classes"], args.batch, args.sigma, args.steps)
         t = time.perf_counter()
         run(0)
@@ -210,7 +222,8 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    model, sd, meta = _common.torch_model(args.model, args.checkpoint)
+    args.torch_dev = "cpu" if args.skip_torch else _common.torch_device(args.torch_device)
+    model, sd, meta = _common.torch_model(args.model, args.checkpoint, device=args.torch_dev)
     samples = args.batch * args.steps
 
     t = time.perf_counter()
@@ -223,6 +236,7 @@ def main(argv=None):
         import torch
 
         settings["torch_threads"] = torch.get_num_threads()
+        settings["torch_device"] = args.torch_dev
         contenders["torch_reference"] = torch_reference_runner(model, meta, args)
         contenders["torch_reference"](0)
         tuned_name, tuned_run, tuned_rates = pick_tuned(torch_tuned_candidates(model, meta, args), log)
@@ -279,6 +293,8 @@ def main(argv=None):
         **_common.machine(),
         **{f"{k}_version": v for k, v in _common.versions().items()},
     }
+    if not args.skip_torch:
+        rec["same_device"] = _common.same_device_note(rec, args.torch_dev, log)
     import json
 
     print(json.dumps(rec, indent=2))
@@ -290,7 +306,8 @@ def main(argv=None):
                f"{fmt(rec['rsjax_samples_per_s'])} | {fmt(rec['torch_reference_samples_per_s'])} | "
                f"{fmt(rec['torch_tuned_samples_per_s'])} ({tuned_name or '-'}) | {ratio(rec['ratio_vs_reference'])} | "
                f"{ratio(rec['ratio_vs_tuned'])} | {load_start[0]:.1f}/{load_end[0]:.1f} | "
-               f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow} |")
+               f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow}"
+               f"{'' if args.skip_torch else f', torch on {args.torch_dev}'} |")
         path = _common.write_result("throughput", rec, row, MD_HEADER)
         log(f"wrote {path}")
         print(row)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rsjax.core.sampler import balanced_steps, scan_counts
+from rsjax.core.sampler import balanced_steps, scan_counts, split_weights
 from rsjax.errors import RsjaxError
 
 AXIS = "d"
@@ -60,24 +60,30 @@ def make_parallel_counter(f, num_classes: int, *, samples_per_step: int, devices
         raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
     mesh = local_mesh(devices)
     n_dev = mesh.devices.size
+    apply, weights = split_weights(f)
 
     @functools.partial(jax.jit, static_argnames=("num",))
-    def counts(x, sigma, keys, num: int, offset=0):
+    def counts_with(weights, x, sigma, keys, num: int, offset=0):
         q = -(-num // n_dev)
         steps, b = balanced_steps(q, samples_per_step)
         sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
         offset = jnp.asarray(offset, jnp.uint32)
 
-        def per_device(x, sigma, keys, offset):
+        def per_device(weights, x, sigma, keys, offset):
             d = jax.lax.axis_index(AXIS).astype(jnp.uint32)
             first = d * q
             stop = jnp.minimum(first + q, num)
-            acc = scan_counts(f, num_classes, x, sigma, keys, offset, first=first, stop=stop, steps=steps, b=b)
+            acc = scan_counts(functools.partial(apply, weights), num_classes, x, sigma, keys, offset,
+                              first=first, stop=stop, steps=steps, b=b)
             return jax.lax.psum(acc, AXIS)
 
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P(),
-                             check_vma=False)(x, sigma, keys, offset)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P()), out_specs=P(),
+                             check_vma=False)(weights, x, sigma, keys, offset)
 
+    def counts(x, sigma, keys, num: int, offset=0):
+        return counts_with(weights, x, sigma, keys, num=num, offset=offset)
+
+    counts.jitted, counts.weights = counts_with, weights
     return counts
 
 

@@ -114,7 +114,8 @@ def apply(platform: str | None = None, *, cache_dir=DEFAULT_CACHE, precision: st
 
     ``platform``: "cpu" or "gpu" (default: from ``JAX_PLATFORMS``, else cpu and gpu flags
     are both set - XLA ignores the other backend's flags). ``cache_dir=None`` disables the
-    persistent compilation cache. Raises RuntimeError if JAX's backend already started, since
+    persistent compilation cache; by default it is ``JAX_COMPILATION_CACHE_DIR`` if set, else
+    ``DEFAULT_CACHE``. Raises RuntimeError if JAX's backend already started, since
     XLA reads its flags only once.
     """
     if _backend_started():
@@ -125,6 +126,8 @@ def apply(platform: str | None = None, *, cache_dir=DEFAULT_CACHE, precision: st
     out = {"xla_flags_added": flags}
     # environment variables (not only jax.config) so that subprocesses - `rsjax certify` run by
     # a benchmark - get the same settings
+    if cache_dir is DEFAULT_CACHE and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache_dir = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # the user's choice wins
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)

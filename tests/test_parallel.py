@@ -27,7 +27,7 @@ FOUR_DEVICES = textwrap.dedent(
     x = jnp.zeros((3, 2, 2, 1)).at[:, 0, 0, 0].set(jnp.array([0.45, 0.5, 0.62]))
     sigma, keys = jnp.array([0.1, 0.3, 0.2]), image_keys(5, np.array([7, 8, 9]))
     par = make_counter(threshold, 3, samples_per_step=7)  # default: all 4 local devices
-    assert "parallel" in par.__wrapped__.__module__, par.__wrapped__.__module__
+    assert par.__module__ == "rsjax.parallel", par.__module__
     one = make_counter(threshold, 3, samples_per_step=7, devices=jax.local_devices()[:1])
     for num, offset in ((1, 0), (3, 0), (50, 0), (101, 0), (30, 17)):
         a = np.asarray(one(x, sigma, keys, num=num, offset=offset))
@@ -42,6 +42,13 @@ FOUR_DEVICES = textwrap.dedent(
     a = np.asarray(make_counter(f, 10, samples_per_step=16, devices=jax.local_devices()[:1])(xs, s2, k2, num=90))
     b = np.asarray(make_counter(f, 10, samples_per_step=16)(xs, s2, k2, num=90))
     assert (a == b).all() and (a.max(axis=1) < 90).all(), (a, b)
+    # the same network carrying its weights (f.apply(f.variables, x), as load_classifier's f):
+    # they travel as an argument of the compiled counter, on one device and on four
+    g = lambda z: net.apply(v, z)
+    g.apply, g.variables = net.apply, v
+    for devices in (jax.local_devices()[:1], None):
+        c = np.asarray(make_counter(g, 10, samples_per_step=16, devices=devices)(xs, s2, k2, num=90))
+        assert (c == a).all(), (c, a)
     print("OK")
     """
 )

@@ -93,3 +93,37 @@ def test_sigma_is_traced_no_recompilation():
 )
 def test_choose_layout(m, num, batch, expect):
     assert choose_layout(m, num, batch) == expect
+
+
+def test_weights_travel_as_an_argument_not_as_constants():
+    """A classifier carrying its weights (f.apply(f.variables, x), as load_classifier's) is compiled
+    without them: the counter's computation takes them as an argument (no 16x3 weight constant in
+    its HLO, where the closure version has one) and gives the closure version's counts."""
+    import flax.linen as nn
+
+    from rsjax.core.sampler import split_weights
+
+    net = nn.Dense(3)
+    x = jnp.linspace(0, 1, 2 * 4 * 4 * 1).reshape(2, 4, 4, 1)
+    keys, sigma = image_keys(0, np.array([0, 1])), jnp.array([0.3, 0.6])
+
+    def apply(w, z):
+        return net.apply(w, z.reshape(z.shape[0], -1))
+
+    v = net.init(jax.random.key(1), jnp.zeros((1, 16)))
+    g = lambda z: apply(v, z)  # noqa: E731
+    g.apply, g.variables = apply, v
+    assert split_weights(g) == (apply, v) and split_weights(lambda z: z)[1] is None
+
+    carrying = make_counter(g, 3, samples_per_step=8)
+    closure = make_counter(lambda z: apply(v, z), 3, samples_per_step=8)  # no attributes
+    np.testing.assert_array_equal(np.asarray(carrying(x, sigma, keys, num=40)),
+                                  np.asarray(closure(x, sigma, keys, num=40)))
+
+    def hlo(counter):
+        return counter.jitted.lower(counter.weights, x, sigma, keys, num=40).as_text()
+
+    weight_constant = "tensor<16x3xf32>"
+    assert weight_constant in hlo(carrying)  # as the type of an argument...
+    assert not any("constant" in line and weight_constant in line for line in hlo(carrying).splitlines())
+    assert any("constant" in line and weight_constant in line for line in hlo(closure).splitlines())

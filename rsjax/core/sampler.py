@@ -119,11 +119,30 @@ def balanced_steps(num: int, samples_per_step: int):
     return steps, -(-num // steps)
 
 
+def split_weights(f):
+    """``(apply, weights)`` with ``apply(weights, x) == f(x)``.
+
+    A classifier that carries its weights - ``f.apply(f.variables, x) == f(x)``, as
+    :func:`rsjax.load_classifier`'s does - is split, so that the counters pass the weights to the
+    compiled computation as an argument instead of leaving it to JAX whether to embed them as
+    constants: the compiled counter then depends only on the architecture and shapes, whatever the
+    weights (so persistent-cache entries hold no weights), and it was measured no slower
+    (ResNet-110 counter on CPU, width-packed, three interleaved pairs: 535/531/540 samples/s with
+    constants, 532/530/538 with arguments).
+    Any other ``f`` is used as it is (``weights`` None; what it closes over becomes constants).
+    """
+    apply, weights = getattr(f, "apply", None), getattr(f, "variables", None)
+    if callable(apply) and weights is not None:
+        return apply, weights
+    return (lambda _, x: f(x)), None
+
+
 def make_counter(f, num_classes: int, *, samples_per_step: int, devices=None):
     """Build ``counts(x, sigma, keys, num, offset=0) -> int32[M, num_classes]``.
 
     Args:
-      f: pure ``logits = f(x)`` for a batch ``(B, H, W, C)``.
+      f: pure ``logits = f(x)`` for a batch ``(B, H, W, C)``; if it carries its weights
+        (``f.apply(f.variables, x)``), they are passed as an argument (:func:`split_weights`).
       num_classes: K, the length of the histogram.
       samples_per_step: at most this many noisy copies of *each* image per device step; one
         step runs f on ``M * b`` inputs with ``b = ceil(num / steps)`` and the fewest ``steps``
@@ -149,11 +168,18 @@ def make_counter(f, num_classes: int, *, samples_per_step: int, devices=None):
 
         return make_parallel_counter(f, num_classes, samples_per_step=samples_per_step, devices=devices)
 
-    @functools.partial(jax.jit, static_argnames=("num",))
-    def counts(x, sigma, keys, num: int, offset=0):
-        steps, b = balanced_steps(num, samples_per_step)
-        return scan_counts(f, num_classes, x, sigma, keys, offset, first=0, stop=num, steps=steps, b=b)
+    apply, weights = split_weights(f)
 
+    @functools.partial(jax.jit, static_argnames=("num",))
+    def counts_with(weights, x, sigma, keys, num: int, offset=0):
+        steps, b = balanced_steps(num, samples_per_step)
+        return scan_counts(functools.partial(apply, weights), num_classes, x, sigma, keys, offset,
+                           first=0, stop=num, steps=steps, b=b)
+
+    def counts(x, sigma, keys, num: int, offset=0):
+        return counts_with(weights, x, sigma, keys, num=num, offset=offset)
+
+    counts.jitted, counts.weights = counts_with, weights  # for inspection (e.g. .lower)
     return counts
 
 

@@ -141,9 +141,14 @@ def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False
     mean = np.asarray(meta["mean"], np.float32)
     std = np.asarray(meta["std"], np.float32)
 
-    def f(x):
-        return model.apply(variables, (x - mean) / std).astype(jnp.float32)
+    def apply(w, x):
+        return model.apply(w, (x - mean) / std).astype(jnp.float32)
 
+    def f(x):
+        return apply(variables, x)
+
+    # like load_classifier's f: the counters pass the weights as an argument (split_weights)
+    f.apply, f.variables = apply, variables
     return f, variables
 
 

@@ -107,6 +107,7 @@ def raw_rate(model_dir, args, x0):
     from rsjax.core.sampler import image_keys, make_counter
 
     f, meta = load_classifier(model_dir, dtype=args.dtype)
+    args.layout = {"fold_bn": meta["fold_bn"], "pack_narrow": meta["pack_narrow"]}  # what `rsjax certify` loads too
     counts = make_counter(f, meta["num_classes"], samples_per_step=min(args.batch, args.N))
     x = jnp.asarray(x0[None])
     s = jnp.full((1,), args.sigma, jnp.float32)
@@ -227,6 +228,7 @@ def main(argv=None):
         **{f"{k}_version": v for k, v in _common.versions().items()},
     }
     rec["same_device"] = _common.same_device_note(rec, args.torch_dev, log)
+    settings.update(args.layout)
     print(json.dumps(rec, indent=2))
     if not args.no_write:
         dev = _common.device_label(rec)

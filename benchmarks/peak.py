@@ -2,14 +2,17 @@
 
 A throughput figure means little without the ceiling it is measured against. This script measures
 
-- the peak dense matmul rate (square ``--n`` x ``--n`` GEMM, median of ``--reps``) in float32 and
-  bfloat16, in JAX (XLA, with the current XLA flags) and in PyTorch (its CPU GEMM: oneDNN/MKL);
+- the peak dense matmul rate (``--calls`` square ``--n`` x ``--n`` GEMMs per timing, median of
+  ``--reps``) in float32 and bfloat16, in JAX (XLA, with the current XLA flags; float32 at JAX's
+  default precision, which is TF32 on recent GPUs) and in PyTorch (its GEMM: oneDNN/MKL on CPU,
+  cuBLAS on a GPU, float32 without TF32);
 - the FLOPs of one forward pass of ``--model`` (XLA's own cost analysis of the compiled, BN-folded
   float32 forward at batch 1; a multiply-add counts 2);
 
 and reports ``ceiling = peak FLOP/s / FLOPs per sample`` for each framework and dtype: the samples/s
 that no implementation of the direct (non-Winograd) convolution network can exceed on this machine in
-that dtype. With ``--throughput FILE`` (a ``benchmarks/results/throughput_*.json``) it adds the measured
+that dtype at the measured GEMM rates (a Winograd or FFT convolution does fewer multiplies and is
+not bounded by it). With ``--throughput FILE`` (a ``benchmarks/results/throughput_*.json``) it adds the measured
 rates as fractions of those ceilings. Output: a JSON file and one markdown row in ``benchmarks/results/``.
 
     python benchmarks/peak.py --model cifar_resnet110 --xla rsjax \\
@@ -37,7 +40,8 @@ MD_HEADER = """\
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cifar_resnet110", choices=_common.MODELS)
-    p.add_argument("--n", type=int, default=2048, help="GEMM size")
+    p.add_argument("--n", type=int, default=0, help="GEMM size (default: 2048 on CPU, 8192 on a GPU)")
+    p.add_argument("--calls", type=int, default=10, help="GEMMs per timing (one synchronisation at the end)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--xla", default="default", choices=("default", "rsjax"))
     p.add_argument("--throughput", default=None, help="a throughput_*.json to express as fractions of the ceilings")
@@ -60,29 +64,38 @@ def median_seconds(fn, reps):
     return float(np.median(ts))
 
 
-def jax_gemm_flops(n, dtype, reps):
+def jax_gemm_flops(n, dtype, reps, calls=10):
+    """FLOP/s of ``calls`` back-to-back n x n GEMMs (default precision: TF32 for float32 on recent GPUs)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(jnp.matmul)
-    return 2 * n ** 3 / median_seconds(lambda: mm(a, b).block_until_ready(), reps)
+
+    def run():
+        for _ in range(calls):
+            out = mm(a, b)
+        out.block_until_ready()
+
+    return calls * 2 * n ** 3 / median_seconds(run, reps)
 
 
-def torch_gemm_flops(n, dtype, reps, device="cpu"):
+def torch_gemm_flops(n, dtype, reps, device="cpu", calls=10):
+    """The same in PyTorch on ``device`` (its defaults: full float32 GEMMs, no TF32)."""
     import torch
 
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def mm():
-        a @ b
+    def run():
+        for _ in range(calls):
+            a @ b
         sync()
 
     with torch.inference_mode():
-        return 2 * n ** 3 / median_seconds(mm, reps)
+        return calls * 2 * n ** 3 / median_seconds(run, reps)
 
 
 def model_flops(arch):
@@ -112,14 +125,19 @@ def main(argv=None):
     import jax.numpy as jnp
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    rates = {"jax_float32": jax_gemm_flops(args.n, jnp.float32, args.reps),
-             "jax_bfloat16": jax_gemm_flops(args.n, jnp.bfloat16, args.reps)}
+    import jax
+
+    args.n = args.n or (8192 if jax.default_backend() == "gpu" else 2048)
+    settings["n"] = args.n
+    settings["calls"] = args.calls
+    rates = {"jax_float32": jax_gemm_flops(args.n, jnp.float32, args.reps, args.calls),
+             "jax_bfloat16": jax_gemm_flops(args.n, jnp.bfloat16, args.reps, args.calls)}
     if not args.skip_torch:
         import torch
 
         settings["torch_device"] = dev = _common.torch_device(args.torch_device)
-        rates["torch_float32"] = torch_gemm_flops(args.n, torch.float32, args.reps, dev)
-        rates["torch_bfloat16"] = torch_gemm_flops(args.n, torch.bfloat16, args.reps, dev)
+        rates["torch_float32"] = torch_gemm_flops(args.n, torch.float32, args.reps, dev, args.calls)
+        rates["torch_bfloat16"] = torch_gemm_flops(args.n, torch.bfloat16, args.reps, dev, args.calls)
     log("GEMM GFLOP/s: " + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in rates.items()))
     flops = model_flops(args.model)
     f32_peak = max(v for k, v in rates.items() if k.endswith("float32"))

@@ -27,23 +27,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class NormalizeLayer(nn.Module):
-    """Cohen et al.: ``(x - mean) / std`` per channel on NCHW input in [0, 1]; no state."""
+    """Cohen et al.: ``(x - mean) / std`` per channel on NCHW input in [0, 1]; no saved state
+    (non-persistent buffers: they follow ``.to(device)`` - Cohen's code calls ``.cuda()`` on them -
+    and stay out of the state dict, as in Cohen's files)."""
 
     def __init__(self, means, sds):
         super().__init__()
-        self.means = torch.tensor(means, dtype=torch.float32)
-        self.sds = torch.tensor(sds, dtype=torch.float32)
+        self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)
+        self.register_buffer("sds", torch.tensor(sds, dtype=torch.float32), persistent=False)
 
     def forward(self, x):
         return (x - self.means.view(1, -1, 1, 1)) / self.sds.view(1, -1, 1, 1)
 
 
 class InputCenterLayer(nn.Module):
-    """Salman et al. (SmoothAdv): ``x - mean`` per channel; no state."""
+    """Salman et al. (SmoothAdv): ``x - mean`` per channel; no saved state (a non-persistent buffer)."""
 
     def __init__(self, means):
         super().__init__()
-        self.means = torch.tensor(means, dtype=torch.float32)
+        self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)
 
     def forward(self, x):
         return x - self.means.view(1, -1, 1, 1)

@@ -91,7 +91,7 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
     to float rounding (logits within 1e-6 in float32), faster; ``fold_bn=False`` evaluates the
     network exactly as converted. ``pack_narrow`` computes narrow 3x3 convolutions width-packed
     (:mod:`rsjax.models.pack`, after folding; the same function up to float rounding); ``None`` (default) packs
-    where that was measured to be faster (:func:`rsjax.xla.pack_narrow_convs`).
+    where that was measured to be faster: a folded model with :func:`rsjax.xla.pack_narrow_convs`.
 
     ``f.variables`` (the Flax variables), ``f.apply(variables, x)`` (the same function with the
     weights passed explicitly, preferable inside a large jit) and ``f.meta`` are attached.
@@ -124,10 +124,10 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
         from rsjax.models.fold import fold_variables
 
         variables, folded = fold_variables(variables)
-    if pack_narrow is None:
+    if pack_narrow is None:  # packing pays only with the folded BNs' bias adds packed too
         from rsjax.xla import pack_narrow_convs
 
-        pack_narrow = pack_narrow_convs()
+        pack_narrow = bool(folded) and pack_narrow_convs()
     packed = frozenset()
     if pack_narrow:
         from rsjax.models.pack import pack_variables

@@ -28,7 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rsjax.core.sampler import balanced_steps, scan_counts, split_weights
 from rsjax.errors import RsjaxError
@@ -61,6 +61,8 @@ def make_parallel_counter(f, num_classes: int, *, samples_per_step: int, devices
     mesh = local_mesh(devices)
     n_dev = mesh.devices.size
     apply, weights = split_weights(f)
+    if weights is not None:  # replicated once on the mesh (weights committed elsewhere would not fit the mesh)
+        weights = jax.device_put(weights, NamedSharding(mesh, P()))
 
     @functools.partial(jax.jit, static_argnames=("num",))
     def counts_with(weights, x, sigma, keys, num: int, offset=0):

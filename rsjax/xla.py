@@ -18,8 +18,9 @@ CIFAR ResNet-110, batch 200-400; see benchmarks/README.md for the numbers and th
   model and shapes load compiled counters instead of compiling them; it does not change the
   steady-state rate, and its saving on ``rsjax certify`` start-up has not been isolated yet.
 - ``pack_narrow_convs`` says where width-packing the narrow (<= 16-channel) 3x3 convolutions
-  (``rsjax.models.pack``) pays: with CPU_FLAGS, ResNet-110 520-528 -> 554-564 samples/s (+7%,
-  interleaved A/B); under XLA's default convolution emitter it is slower (328 -> 212), so it is off there.
+  (``rsjax.models.pack``) pays: with CPU_FLAGS, ResNet-110 485-528 -> 535-564 samples/s (+5-10%,
+  interleaved A/B, rows of 2026-11-21 15:21-15:22 in benchmarks/results/throughput.md); under XLA's
+  default convolution emitter it is slower (324 -> 213), so it is off there.
 - GPU: no GPU figure has been measured yet, so no GPU flag is recommended. XLA:GPU already
   fuses conv + bias + ReLU through cuDNN, which BatchNorm folding (``rsjax.models.fold``)
   enables; ``jax_default_matmul_precision`` stays at its default (TF32 on Ampere and later for
@@ -73,8 +74,8 @@ CPU_TRIED = {
 GPU_FLAGS: tuple[str, ...] = ()
 
 # Width packing of narrow 3x3 convolutions (rsjax.models.pack) pays only where the convolutions
-# go to YNNPACK: folded ResNet-110 (real-valued biases), batch 400, float32, low load: 520-528 ->
-# 554-564 samples/s with CPU_FLAGS; without them (XLA's default convolution emitter) 328 -> 212.
+# go to YNNPACK: folded ResNet-110 (real-valued biases), batch 400, float32, low load: 485-528 ->
+# 535-564 samples/s with CPU_FLAGS; without them (XLA's default convolution emitter) 324 -> 213.
 _YNN_CONV = "individual_convolution"
 
 

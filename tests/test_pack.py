@@ -151,3 +151,59 @@ def test_packed_real_classifier_predicts_the_same(tmp_path, shared_data):
 ])
 def test_packing_only_where_measured_to_help(backend, flags, want):
     assert pack_narrow_convs(backend, flags) is want
+
+
+class IntPadded(nn.Module):
+    """An int padding and a keyword-only submodule call: valid Flax the interceptor must handle."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), padding=1, name="int_pad")(x)  # packed: the same as ((1, 1), (1, 1))
+        x = nn.Conv(8, (3, 3), padding=1, precision=lax.Precision.HIGHEST, name="precise")(x)
+        return nn.Dense(4, name="head")(inputs=x.mean(axis=(1, 2)))  # called with a keyword only
+
+
+def test_int_padding_keyword_calls_and_precision(monkeypatch):
+    import rsjax.models.pack as pack_mod
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    net = IntPadded()
+    variables = net.init(jax.random.key(1), x)
+    model, packed_vars = pack_narrow(net, variables)
+    seen = []
+    real = pack_mod.packed_conv
+    monkeypatch.setattr(pack_mod, "packed_conv", lambda *a: seen.append(a[-1]) or real(*a))
+    got = model.apply(packed_vars, x)
+    assert seen == [None, lax.Precision.HIGHEST]  # both packed, each with its own precision
+    np.testing.assert_allclose(np.asarray(got), np.asarray(net.apply(variables, x)), atol=1e-4, rtol=0)
+
+
+def test_folded_bias_adds_are_packed(monkeypatch):
+    """The performance of packing rests on the folded BNs' bias adds being written packed: in a
+    folded, packed ResNet-20 every narrow folded BN (stem + stage 1) goes through add_channel_bias."""
+    import rsjax.models.pack as pack_mod
+
+    module = build_model("cifar_resnet20", 10)
+    x = jnp.zeros((2, 32, 32, 3))
+    model, variables = pack_narrow(*fold_bn(module, module.init(jax.random.key(0), x)))
+    calls = []
+    real = pack_mod.add_channel_bias
+    monkeypatch.setattr(pack_mod, "add_channel_bias", lambda y, b, p: calls.append(y.shape) or real(y, b, p))
+    model.apply(variables, x)
+    assert calls == [(2, 32, 32, 16)] * (1 + 3 * 2)
+
+
+def test_auto_packing_needs_folding(tmp_path, shared_data, monkeypatch):
+    """load_classifier packs by default only a folded model (unfolded BNs add their bias unpacked,
+    which is the slow layout), and only where rsjax.xla says packing pays."""
+    from converters.pytorch import convert_checkpoint
+    from rsjax.classifier import load_classifier
+
+    out = tmp_path / "model"
+    convert_checkpoint(shared_data / "models" / "cifar10_resnet20_noise0.25" / "checkpoint.pth.tar", out,
+                       log=lambda *a: None)
+    monkeypatch.setattr("rsjax.xla.pack_narrow_convs", lambda *a, **k: True)
+    assert load_classifier(out)[1]["pack_narrow"] is True
+    assert load_classifier(out, fold_bn=False)[1]["pack_narrow"] is False
+    monkeypatch.setattr("rsjax.xla.pack_narrow_convs", lambda *a, **k: False)
+    assert load_classifier(out)[1]["pack_narrow"] is False

@@ -49,6 +49,11 @@ FOUR_DEVICES = textwrap.dedent(
     for devices in (jax.local_devices()[:1], None):
         c = np.asarray(make_counter(g, 10, samples_per_step=16, devices=devices)(xs, s2, k2, num=90))
         assert (c == a).all(), (c, a)
+    # weights committed to one device still run on all four
+    h = lambda z: net.apply(v, z)
+    h.apply, h.variables = net.apply, jax.device_put(v, jax.local_devices()[1])
+    c = np.asarray(make_counter(h, 10, samples_per_step=16)(xs, s2, k2, num=90))
+    assert (c == a).all(), (c, a)
     print("OK")
     """
 )

@@ -71,12 +71,12 @@ def packed_kernel(kernel, pack: int = 2):
     return packed.reshape(kh, 3, pack * cin, pack * cout)
 
 
-def packed_conv(x, kernel_packed, pack: int, pad_h, bias=None):
+def packed_conv(x, kernel_packed, pack: int, pad_h, bias=None, precision=None):
     """The 3-wide, stride-1, 'same' NHWC convolution of ``x`` with a packed kernel (module doc),
     plus the per-channel ``bias`` if given (added in the packed layout)."""
     b, h, w, cin = x.shape
     y = lax.conv_general_dilated(x.reshape(b, h, w // pack, pack * cin), kernel_packed, (1, 1),
-                                 (pad_h, (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                 (pad_h, (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     if bias is not None:
         y = y + jnp.tile(bias, pack)
     return y.reshape(b, h, w, kernel_packed.shape[-1] // pack)
@@ -133,6 +133,8 @@ def _packable_call(mod, x, pack):
     want = ((kh // 2, kh // 2), (1, 1))
     if isinstance(pad, str):
         ok_pad = pad == "SAME"
+    elif isinstance(pad, int):
+        ok_pad = ((pad, pad), (pad, pad)) == want
     else:
         ok_pad = tuple(tuple(p) if not isinstance(p, int) else (p, p) for p in pad) == want
     strides = mod.strides if mod.strides is not None else (1, 1)
@@ -140,7 +142,9 @@ def _packable_call(mod, x, pack):
     dil = mod.kernel_dilation if mod.kernel_dilation is not None else 1
     in_dil = mod.input_dilation if mod.input_dilation is not None else 1
     return (x.ndim == 4 and ok_pad and strides == (1, 1) and dil in (1, (1, 1)) and in_dil in (1, (1, 1))
-            and mod.feature_group_count == 1 and mod.mask is None and x.shape[2] % pack == 0)
+            and mod.feature_group_count == 1 and mod.mask is None and x.shape[2] % pack == 0
+            and getattr(mod, "conv_general_dilated", None) is None
+            and getattr(mod, "conv_general_dilated_cls", None) is None)  # a custom primitive: keep it
 
 
 def packed_conv_interceptor(packed_paths, pack: int = 2, folded_bn_paths=frozenset(), eps=None,
@@ -151,15 +155,16 @@ def packed_conv_interceptor(packed_paths, pack: int = 2, folded_bn_paths=frozens
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name != "__call__":
+        if context.method_name != "__call__" or len(args) != 1 or kwargs:
             return next_fun(*args, **kwargs)
         x = args[0]
         if isinstance(mod, nn.Conv) and tuple(mod.path) in packed_paths and _packable_call(mod, x, pack):
             kernel = mod.get_variable(COLLECTION, "kernel")
             dtype = mod.dtype or jnp.result_type(x, kernel)
             bias = mod.get_variable("params", "bias").astype(dtype) if mod.use_bias else None
-            return packed_conv(x.astype(dtype), kernel.astype(dtype), pack, (mod.kernel_size[0] // 2,) * 2, bias)
-        if (isinstance(mod, nn.BatchNorm) and tuple(mod.path) in folded_bn_paths and x.ndim == 4
+            return packed_conv(x.astype(dtype), kernel.astype(dtype), pack, (mod.kernel_size[0] // 2,) * 2, bias,
+                               mod.precision)
+        if (isinstance(mod, nn.BatchNorm) and tuple(mod.path) in folded_bn_paths and getattr(x, "ndim", 0) == 4
                 and x.shape[-1] <= max_channels and x.shape[2] % pack == 0):
             if eps is not None and mod.epsilon != eps:
                 raise ValueError(f"BN {'/'.join(mod.path)} has epsilon {mod.epsilon}, folded with {eps}")

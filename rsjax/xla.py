@@ -69,6 +69,10 @@ CPU_TRIED = {
                                                               "fusion); not adopted: it would change every noise "
                                                               "stream and so every documented result",
     "batch per step 25 / 50 / 100 / 400": "within 4% of each other (no cache effect)",
+    "Winograd F(2x2,3x3) convolutions written in JAX (transforms + 16 batched dots)": "4-9x slower than the direct "
+        "convolution on the stage-2/3 shapes (the transforms are memory passes XLA does not fuse into the dots)",
+    "weights as jit arguments instead of constants (rsjax.core.sampler.split_weights)": "same speed (kept: the "
+        "compiled counter no longer depends on the weights)",
 }
 
 GPU_FLAGS: tuple[str, ...] = ()

@@ -160,7 +160,10 @@ def resolve_batch(args, f, meta):
     from rsjax.core.batching import auto_batch_size
 
     batch, info = auto_batch_size(f, tuple(int(v) for v in meta["input_shape"]))
-    per = f", {info['bytes_per_sample'] / 2**20:.1f} MiB per input" if "bytes_per_sample" in info else ""
+    per = ""
+    if "bytes_per_sample" in info:
+        b = info["bytes_per_sample"]
+        per = f", {b / 2**20:.1f} MiB per input" if b >= 2**20 else f", {b / 2**10:.0f} KiB per input"
     print(f"rsjax {args._command}: --batch auto -> {batch} ({info['platform']}{per})", file=sys.stderr)
     return batch
 

@@ -99,7 +99,8 @@ def torch_reference(model, xs, idx, labels, meta, args, log):
 
 
 def raw_rate(model_dir, args, x0):
-    """Samples/s of make_counter on the classifier `rsjax certify` loads, n draws of one image."""
+    """(samples/s of make_counter on the classifier `rsjax certify` loads, n draws of one image;
+    that classifier's layout: fold_bn, pack_narrow)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -107,7 +108,6 @@ def raw_rate(model_dir, args, x0):
     from rsjax.core.sampler import image_keys, make_counter
 
     f, meta = load_classifier(model_dir, dtype=args.dtype)
-    args.layout = {"fold_bn": meta["fold_bn"], "pack_narrow": meta["pack_narrow"]}  # what `rsjax certify` loads too
     counts = make_counter(f, meta["num_classes"], samples_per_step=min(args.batch, args.N))
     x = jnp.asarray(x0[None])
     s = jnp.full((1,), args.sigma, jnp.float32)
@@ -117,7 +117,7 @@ def raw_rate(model_dir, args, x0):
         t = time.perf_counter()
         np.asarray(counts(x, s, image_keys(0, np.array([r + 1])), num=args.N))
         ts.append(time.perf_counter() - t)
-    return args.N / min(ts)
+    return args.N / min(ts), {"fold_bn": meta["fold_bn"], "pack_narrow": meta["pack_narrow"]}
 
 
 def main(argv=None):
@@ -151,7 +151,7 @@ def main(argv=None):
         model_dir = tmp / "model"
         convert_checkpoint(ckpt, model_dir, dataset=ds_name, log=lambda *a: None)
 
-        raw_before = raw_rate(model_dir, args, xs[0])
+        raw_before, layout = raw_rate(model_dir, args, xs[0])
         log(f"rsjax raw sampling rate {raw_before:,.0f} samples/s")
 
         def run_cli(name):
@@ -175,7 +175,7 @@ def main(argv=None):
         runs = [run_cli("certify_a.tsv")]
         torch_times, torch_rows = torch_reference(model, xs, idx, labels, meta, args, log)
         runs.append(run_cli("certify_b.tsv"))
-        raw_after = raw_rate(model_dir, args, xs[0])
+        raw_after, _ = raw_rate(model_dir, args, xs[0])
         log(f"rsjax raw sampling rate after {raw_after:,.0f} samples/s")
 
     load_end = os.getloadavg()
@@ -228,7 +228,7 @@ def main(argv=None):
         **{f"{k}_version": v for k, v in _common.versions().items()},
     }
     rec["same_device"] = _common.same_device_note(rec, args.torch_dev, log)
-    settings.update(args.layout)
+    settings.update(layout)
     print(json.dumps(rec, indent=2))
     if not args.no_write:
         dev = _common.device_label(rec)

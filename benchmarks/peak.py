@@ -116,7 +116,7 @@ def model_flops(arch):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = {"xla": args.xla, "n": args.n, "reps": args.reps}
+    settings = {"xla": args.xla, "reps": args.reps}
     if args.xla == "rsjax":
         from rsjax import xla
 

@@ -215,7 +215,7 @@ def main(argv=None):
 
     from rsjax.xla import pack_narrow_convs
 
-    args.pack_narrow = (pack_narrow_convs() and not args.no_fold) if args.pack == "auto" else args.pack == "on"
+    args.pack_narrow = pack_narrow_convs(folded=not args.no_fold) if args.pack == "auto" else args.pack == "on"
     settings["pack_narrow"] = args.pack_narrow
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if args.torch_threads:

@@ -124,10 +124,10 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
         from rsjax.models.fold import fold_variables
 
         variables, folded = fold_variables(variables)
-    if pack_narrow is None:  # packing pays only with the folded BNs' bias adds packed too
+    if pack_narrow is None:
         from rsjax.xla import pack_narrow_convs
 
-        pack_narrow = bool(folded) and pack_narrow_convs()
+        pack_narrow = pack_narrow_convs(folded=bool(folded))
     packed = frozenset()
     if pack_narrow:
         from rsjax.models.pack import pack_variables

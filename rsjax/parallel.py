@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rsjax.core.sampler import balanced_steps, scan_counts, split_weights
+from rsjax.core.sampler import balanced_steps, bind_weights, scan_counts, split_weights
 from rsjax.errors import RsjaxError
 
 AXIS = "d"
@@ -82,11 +82,7 @@ def make_parallel_counter(f, num_classes: int, *, samples_per_step: int, devices
         return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P()), out_specs=P(),
                              check_vma=False)(weights, x, sigma, keys, offset)
 
-    def counts(x, sigma, keys, num: int, offset=0):
-        return counts_with(weights, x, sigma, keys, num=num, offset=offset)
-
-    counts.jitted, counts.weights = counts_with, weights
-    return counts
+    return bind_weights(counts_with, weights)
 
 
 # --------------------------------------------------------------------------- several hosts

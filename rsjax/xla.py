@@ -83,10 +83,13 @@ GPU_FLAGS: tuple[str, ...] = ()
 _YNN_CONV = "individual_convolution"
 
 
-def pack_narrow_convs(backend: str | None = None, xla_flags: str | None = None) -> bool:
-    """Whether width-packing narrow convolutions is the faster layout here: on CPU, when the XLA
-    flags hand convolutions to YNNPACK (as ``CPU_FLAGS`` do). ``backend`` defaults to JAX's
-    default backend, ``xla_flags`` to the ``XLA_FLAGS`` environment variable."""
+def pack_narrow_convs(backend: str | None = None, xla_flags: str | None = None, *, folded: bool = True) -> bool:
+    """Whether width-packing narrow convolutions is the faster layout here: for a BN-folded model
+    (an unfolded BN adds its bias in the unpacked layout, the slow one) on CPU, when the XLA flags
+    hand convolutions to YNNPACK (as ``CPU_FLAGS`` do). ``backend`` defaults to JAX's default
+    backend, ``xla_flags`` to the ``XLA_FLAGS`` environment variable."""
+    if not folded:
+        return False
     if backend is None:
         import jax
 

@@ -151,6 +151,7 @@ def test_packed_real_classifier_predicts_the_same(tmp_path, shared_data):
 ])
 def test_packing_only_where_measured_to_help(backend, flags, want):
     assert pack_narrow_convs(backend, flags) is want
+    assert pack_narrow_convs(backend, flags, folded=False) is False
 
 
 class IntPadded(nn.Module):
@@ -202,8 +203,8 @@ def test_auto_packing_needs_folding(tmp_path, shared_data, monkeypatch):
     out = tmp_path / "model"
     convert_checkpoint(shared_data / "models" / "cifar10_resnet20_noise0.25" / "checkpoint.pth.tar", out,
                        log=lambda *a: None)
-    monkeypatch.setattr("rsjax.xla.pack_narrow_convs", lambda *a, **k: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise")
     assert load_classifier(out)[1]["pack_narrow"] is True
     assert load_classifier(out, fold_bn=False)[1]["pack_narrow"] is False
-    monkeypatch.setattr("rsjax.xla.pack_narrow_convs", lambda *a, **k: False)
+    monkeypatch.setenv("XLA_FLAGS", "")
     assert load_classifier(out)[1]["pack_narrow"] is False

@@ -27,7 +27,7 @@ FOUR_DEVICES = textwrap.dedent(
     x = jnp.zeros((3, 2, 2, 1)).at[:, 0, 0, 0].set(jnp.array([0.45, 0.5, 0.62]))
     sigma, keys = jnp.array([0.1, 0.3, 0.2]), image_keys(5, np.array([7, 8, 9]))
     par = make_counter(threshold, 3, samples_per_step=7)  # default: all 4 local devices
-    assert par.__module__ == "rsjax.parallel", par.__module__
+    assert par.jitted.__wrapped__.__module__ == "rsjax.parallel", par.jitted.__wrapped__.__module__
     one = make_counter(threshold, 3, samples_per_step=7, devices=jax.local_devices()[:1])
     for num, offset in ((1, 0), (3, 0), (50, 0), (101, 0), (30, 17)):
         a = np.asarray(one(x, sigma, keys, num=num, offset=offset))

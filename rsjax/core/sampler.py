@@ -137,6 +137,18 @@ def split_weights(f):
     return (lambda _, x: f(x)), None
 
 
+def bind_weights(counts_with, weights):
+    """``counts(x, sigma, keys, num, offset=0)`` = ``counts_with(weights, ...)``: the counter API over a
+    jitted function that takes the weights first; ``.jitted`` and ``.weights`` are kept for inspection
+    (e.g. ``counts.jitted.lower(counts.weights, ...)``)."""
+
+    def counts(x, sigma, keys, num: int, offset=0):
+        return counts_with(weights, x, sigma, keys, num=num, offset=offset)
+
+    counts.jitted, counts.weights = counts_with, weights
+    return counts
+
+
 def make_counter(f, num_classes: int, *, samples_per_step: int, devices=None):
     """Build ``counts(x, sigma, keys, num, offset=0) -> int32[M, num_classes]``.
 
@@ -176,11 +188,7 @@ def make_counter(f, num_classes: int, *, samples_per_step: int, devices=None):
         return scan_counts(functools.partial(apply, weights), num_classes, x, sigma, keys, offset,
                            first=0, stop=num, steps=steps, b=b)
 
-    def counts(x, sigma, keys, num: int, offset=0):
-        return counts_with(weights, x, sigma, keys, num=num, offset=offset)
-
-    counts.jitted, counts.weights = counts_with, weights  # for inspection (e.g. .lower)
-    return counts
+    return bind_weights(counts_with, weights)
 
 
 def choose_layout(num_images: int, num: int, batch_size: int):

@@ -2,15 +2,19 @@
 
 Pipeline (:func:`convert_checkpoint`):
 
-1. :func:`read_checkpoint`: ``torch.load(map_location="cpu", weights_only=True)``; numpy scalars
-   (often stored as ``best_acc``) are allow-listed; any other pickled global makes it fall back
-   to ``weights_only=False`` and say why. Unreadable, empty, truncated or non-pickle files raise
-   :class:`CheckpointError` with one line.
+1. :func:`read_checkpoint`: ``torch.load(map_location="cpu", weights_only=True)``, which never
+   runs code from the file. Data-only globals that genuine checkpoints pickle (numpy scalars and
+   dtypes, often stored as ``best_acc``; ``argparse.Namespace``, the training arguments some
+   scripts save) are allowed through ``torch.serialization.safe_globals``. Any other global is a
+   :class:`CheckpointError` naming it and the opt-in ``trust=True`` (``--trust-checkpoint``),
+   which loads with ``weights_only=False`` and so runs arbitrary code from the file. Unreadable,
+   empty, truncated or non-pickle files raise :class:`CheckpointError` with one line.
 2. :func:`find_state_dict`: the container format:
 
    - ``cohen``: ``{'epoch', 'arch', 'state_dict', 'optimizer'}``, keys prefixed ``1.`` (Sequential
      of a stateless NormalizeLayer and the net) or ``1.module.`` (DataParallel), sometimes with a
-     leading ``module.``. Normalisation: the dataset's mean/std (none for MNIST, see DATASETS).
+     leading ``module.``. Normalisation: the dataset's mean/std from :data:`rsjax.data.DATASET_INFO`
+     (none for MNIST, see COHEN_NORMALIZATION).
    - ``smoothadv`` (Salman et al.): the same container; NormalizeLayer *or* InputCenterLayer,
      which the file does not record. Chosen when the path names SmoothAdv-style training
      (``PGD_2steps``, ``DDN_4steps``, ``smoothadv``, ``smoothing-adversarial``). Auto normalisation is mean/std
@@ -23,7 +27,8 @@ Pipeline (:func:`convert_checkpoint`):
 4. :func:`detect_arch`: from the tensors (stem shape, Basic/Bottleneck blocks, blocks per stage);
    the file's ``arch`` string must agree when it names an rsjax architecture.
 5. :func:`torch_to_flax`: strict mapping onto the Flax tree of :mod:`rsjax.models`: every source
-   tensor is used exactly once (``num_batches_tracked`` ignored), every shape is checked;
+   tensor is used exactly once (``num_batches_tracked`` ignored), every shape is checked, every
+   value must be finite (a NaN or inf is an error naming the key);
    conv OIHW -> HWIO, linear ``[out, in]`` -> ``[in, out]``, BN weight/bias/running_mean/
    running_var -> scale/bias/mean/var.
 6. :func:`rsjax.classifier.save_classifier`.
@@ -36,21 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
+from rsjax.data import DATASET_INFO
 from rsjax.errors import CheckpointError, RsjaxError
 
 CONVERTER_VERSION = "rsjax-convert/1"
 FORMATS = ("cohen", "macer", "smoothadv", "torchvision")
 NORMALIZATIONS = ("auto", "meanstd", "center", "none")
 
-# dataset -> mean, std, number of classes, normalisation of Cohen-style models on it
-DATASETS = {
-    "cifar10": dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), num_classes=10,
-                    cohen_normalization="meanstd"),
-    "imagenet": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=1000,
-                     cohen_normalization="meanstd"),
-    # The real MNIST LeNet reproduces its PyTorch accuracy (99.32%) with an identity normaliser.
-    "mnist": dict(mean=(0.1307,), std=(0.3081,), num_classes=10, cohen_normalization="none"),
-}
+# normaliser of Cohen-style models per dataset (mean/std from rsjax.data.DATASET_INFO); the real
+# MNIST LeNet reproduces its PyTorch accuracy with an identity normaliser
+COHEN_NORMALIZATION = {"cifar10": "meanstd", "imagenet": "meanstd", "mnist": "none"}
 
 _SMOOTHADV_PATH = re.compile(r"(?<![a-z])(?:pgd|ddn)_?\d+_?steps?|smoothadv|smoothing[-_]adversarial", re.IGNORECASE)
 _IGNORED_SUFFIX = "num_batches_tracked"
@@ -77,11 +77,15 @@ def _load_error_line(e):
     return f"cannot be read by torch.load ({type(e).__name__}: {first[:160]})"
 
 
-def _benign_numpy_globals():
-    """numpy scalar/dtype reconstructors: data-only, safe to allow in weights-only loading."""
+def safe_globals():
+    """Data-only globals allowed in weights-only loading: numpy scalar and dtype reconstructors
+    (``best_acc`` saved as a numpy float) and ``argparse.Namespace`` (saved training arguments).
+    Unpickling these builds plain data; none of them calls anything the file chooses."""
+    import argparse
+
     import numpy
 
-    out = [numpy.dtype]
+    out = [numpy.dtype, argparse.Namespace]
     core = getattr(numpy, "_core", None) or numpy.core
     out.append(core.multiarray.scalar)
     dtypes = getattr(numpy, "dtypes", None)
@@ -90,8 +94,16 @@ def _benign_numpy_globals():
     return out
 
 
-def read_checkpoint(path, log=print):
-    """``torch.load`` a checkpoint on CPU, weights-only whenever possible."""
+TRUST_HINT = ("if you trust the file, pass --trust-checkpoint (Python: trust=True), which runs arbitrary code "
+              "from the file")
+
+
+def read_checkpoint(path, log=print, *, trust=False):
+    """``torch.load`` a checkpoint on CPU with the weights-only unpickler (see module docstring).
+
+    ``trust=True`` loads a file the weights-only unpickler refuses with full unpickling, which
+    runs arbitrary code from the file: only for files you trust.
+    """
     import torch
 
     path = Path(path)
@@ -100,26 +112,34 @@ def read_checkpoint(path, log=print):
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a PyTorch checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line
-        first = e
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(first))
-    if m is None:
-        raise CheckpointError(f"{path}: {_load_error_line(first)}") from None
-    try:
-        with torch.serialization.safe_globals(_benign_numpy_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        m2 = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if m2 is None:
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        refused = _refused_global(e)
+        if refused is None:
             raise CheckpointError(f"{path}: {_load_error_line(e)}") from None
-        glob = m2.group(1)
-    log(f"note: the file pickles {glob}, which torch's weights-only loader refuses; loading it with "
-        f"weights_only=False (this runs pickle code: convert only files you trust)")
+    if not trust:
+        raise CheckpointError(f"{path}: the file pickles {refused}, which the weights-only loader refuses (loading "
+                              f"it could run code from the file); {TRUST_HINT}")
+    log(f"warning: the file pickles {refused}; loading it with weights_only=False as --trust-checkpoint asks "
+        "(this runs code from the file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: {_load_error_line(e)}") from None
+
+
+def _refused_global(e):
+    """What torch's weights-only unpickler refused in error ``e`` (None if it was another failure)."""
+    msg = str(e)
+    for pat in (r"Unsupported global: GLOBAL (\S+)", r"unsupported GLOBAL (\S+)"):
+        m = re.search(pat, msg)
+        if m:
+            return m.group(1)
+    if "Weights only load failed" in msg or "weights_only" in msg:
+        detail = [line.strip() for line in msg.splitlines() if "WeightsUnpickler error" in line]
+        return detail[0].split("error:", 1)[-1].strip()[:120] if detail else "an object the weights-only loader refuses"
+    return None
 
 
 def sha256_file(path):
@@ -325,6 +345,10 @@ def torch_to_flax(sd, arch, num_classes):
             continue
         used.add(key)
         a = source[key].detach().cpu().float().numpy()
+        if not np.isfinite(a).all():
+            bad = int(np.size(a) - np.isfinite(a).sum())
+            raise CheckpointError(f"tensor {key} has {bad} non-finite value(s) (NaN or inf); the checkpoint is "
+                                  "corrupt or diverged and cannot give a certificate")
         a = _to_flax_layout(a, path[-1])
         if a.shape != tuple(spec.shape):
             wrong.append(f"{key} {tuple(source[key].shape)} (expected {_torch_layout_shape(spec.shape, path[-1])})")
@@ -366,23 +390,23 @@ def dataset_from_path(path):
 # ------------------------------------------------------------------------------------ main
 
 def convert_checkpoint(src, out_dir, *, arch=None, dataset=None, fmt=None, normalization="auto",
-                       sigma=None, overwrite=False, log=print):
+                       sigma=None, overwrite=False, trust=False, log=print):
     """Convert the PyTorch checkpoint ``src`` into an rsjax model directory ``out_dir``.
 
     Returns the metadata dict written to ``out_dir/rsjax_model.json``. ``log`` receives one line
-    per detection step.
+    per detection step. ``trust``: see :func:`read_checkpoint` (runs code from the file).
     """
     src = Path(src).expanduser().resolve()
     if normalization not in NORMALIZATIONS:
         raise RsjaxError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
-    if dataset is not None and dataset not in DATASETS:
-        raise RsjaxError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset is not None and dataset not in DATASET_INFO:
+        raise RsjaxError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_INFO)}")
     if sigma is not None and not sigma >= 0:
         raise RsjaxError(f"sigma must be >= 0, got {sigma}")
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, overwrite)
 
-    obj = read_checkpoint(src, log=log)
+    obj = read_checkpoint(src, log=log, trust=trust)
     sd, found_fmt, reason, file_arch, epoch = find_state_dict(obj, src, fmt)
     net_sd, norm_sd, prefix = strip_prefix(sd)
 
@@ -407,17 +431,17 @@ def convert_checkpoint(src, out_dir, *, arch=None, dataset=None, fmt=None, norma
     how = "as asked"
     if dataset is None:
         dataset, how = dataset_from_path(src), "from the path"
-        if dataset is None or DATASETS[dataset]["num_classes"] != num_classes:
+        if dataset is None or DATASET_INFO[dataset].num_classes != num_classes:
             dataset, how = ARCHS[arch][2], f"default for {arch}"
-    if DATASETS[dataset]["num_classes"] != num_classes:
+    d = DATASET_INFO[dataset]
+    if d.num_classes != num_classes:
         raise CheckpointError(f"the classifier has {num_classes} outputs but {dataset} has "
-                              f"{DATASETS[dataset]['num_classes']} classes; pass --dataset")
-    d = DATASETS[dataset]
+                              f"{d.num_classes} classes; pass --dataset")
 
     from_buffers = normaliser_from_buffers(norm_sd)
     if normalization != "auto":
         norm, norm_how = normalization, "as asked"
-        mean, std = list(d["mean"]), list(d["std"])
+        mean, std = list(d.mean), list(d.std)
     elif from_buffers is not None:
         norm, mean, std = from_buffers
         norm_how = "from the normaliser's buffers in the file"
@@ -432,14 +456,14 @@ def convert_checkpoint(src, out_dir, *, arch=None, dataset=None, fmt=None, norma
         elif found_fmt == "torchvision":
             norm, norm_how = "meanstd", f"torchvision models expect {dataset} mean/std"
         else:
-            norm = d["cohen_normalization"]
+            norm = COHEN_NORMALIZATION[dataset]
             norm_how = (f"Cohen-style NormalizeLayer for {dataset}" if norm == "meanstd"
                         else f"Cohen-style {dataset} models use an identity normaliser")
-        mean, std = list(d["mean"]), list(d["std"])
+        mean, std = list(d.mean), list(d.std)
     if norm == "center":
         std = [1.0] * len(mean)
     elif norm == "none":
-        mean, std = [0.0] * len(d["mean"]), [1.0] * len(d["mean"])
+        mean, std = [0.0] * len(d.mean), [1.0] * len(d.mean)
     if from_buffers is not None and normalization != "auto":
         log(f"warning: the file stores a {from_buffers[0]} normaliser but --normalization {normalization} was asked")
 

@@ -5,9 +5,11 @@ Accepted formats (tab-separated, one header line; spec sections 1.6 and 5.3):
 - Cohen ``certify.py``: ``idx label predict radius correct time``.
 - QCRS ``certify_qcrs.py``: ``idx label predict radius correct best_sigma pABar time``.
 - rsjax ``certify``: Cohen's columns, possibly followed by extra columns (``sigma``,
-  ``pA_lower``, ``guarantee``, ``dtype``, ``method``, ...), possibly preceded by comment
-  lines starting with ``#``; ``# key=value`` comment lines are kept as settings.
-- Cohen ``predict.py``: ``idx label predict correct time`` (accuracy only, no radius).
+  ``pA_lower``, ``guarantee``, ``dtype``, ``nonfinite``, ...); the settings are in the sidecar
+  ``FILE.json`` (:mod:`rsjax.core.io`). Files of rsjax's earlier layout have ``# key=value``
+  comment lines before the header instead, kept as settings.
+- Cohen ``predict.py``: ``idx label predict correct time`` (accuracy only, no radius); rsjax
+  ``predict`` adds columns after these.
 
 ``time`` is either ``str(datetime.timedelta)`` (``0:00:13.736080``, ``1 day, 0:00:01``) or a
 plain number of seconds (``15.4``); older Cohen files hold the latter. ``predict`` is -1 on
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsjax.core.io import read_text
+from rsjax.core.io import read_sidecar, read_text
 from rsjax.errors import RsjaxError
 
 COHEN_CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -49,7 +51,8 @@ class Results:
         time: float array of seconds per image (``None`` when the file has no time column).
         sigma: per-image noise level (QCRS ``best_sigma`` or rsjax ``sigma`` column), or ``None``.
         extra: other columns, as float arrays where every value is a number, else as lists of str.
-        settings: ``# key=value`` lines found before the header.
+        settings: the sidecar's settings (and recorded info), else ``# key=value`` lines found
+            before the header.
     """
 
     path: Path
@@ -121,8 +124,8 @@ def _classify(header: list[str], path) -> str:
         raise RsjaxError(f"{path}: header repeats column(s) {', '.join(dup)}")
     if h == QCRS_COLUMNS:
         return "qcrs"
-    if h == COHEN_PREDICT_COLUMNS:
-        return "predict"
+    if h[:len(COHEN_PREDICT_COLUMNS)] == COHEN_PREDICT_COLUMNS:
+        return "predict"  # rsjax predict adds columns after Cohen's
     if h[:5] == COHEN_CERTIFY_COLUMNS[:5]:
         return "cohen" if h == COHEN_CERTIFY_COLUMNS else "rsjax"
     shown = " ".join(header) if len(header) > 1 else repr(header[0][:60])
@@ -240,6 +243,9 @@ def load_results(path, label: str | None = None) -> Results:
         raise RsjaxError(f"{path}: empty file (no header line)")
     if not rows:
         raise RsjaxError(f"{path}: header but no data rows")
+    side = read_sidecar(path)
+    if side is not None:
+        settings = {**side.get("info", {}), **side["settings"]}
     if kind == "cohen" and settings:
         kind = "rsjax"
 

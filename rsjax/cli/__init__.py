@@ -50,31 +50,98 @@ def build_parser(argv=None):
     return parser
 
 
-def apply_xla_settings():
-    """rsjax.xla.apply() unless RSJAX_XLA=default or JAX already started (flags are read once)."""
+def _cache_dir_writable(path) -> OSError | None:
+    """None when ``path`` can hold the compilation cache, else the OSError that says why not."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".rsjax-probe-"):
+            pass
+    except OSError as e:
+        return e
+    return None
+
+
+def apply_xla_settings(command="certify"):
+    """rsjax.xla.apply() unless RSJAX_XLA=default or JAX already started (flags are read once).
+
+    An unwritable compilation-cache directory is a warning: the run goes on without the cache.
+    """
     if os.environ.get("RSJAX_XLA", "rsjax") == "default":
         return None
     from rsjax import xla
 
     if xla._backend_started():
         return None
-    return xla.apply()
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or xla.DEFAULT_CACHE
+    err = _cache_dir_writable(cache)
+    if err is None:
+        return xla.apply()
+    print(f"rsjax {command}: warning: compilation cache disabled: {cache}: {err.strerror or err}", file=sys.stderr)
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return xla.apply(cache_dir=None)
+
+
+_INTERRUPTED = False
+
+
+def interrupted() -> bool:
+    """True once SIGINT arrived in this process (even if something swallowed the KeyboardInterrupt)."""
+    return _INTERRUPTED
+
+
+def _on_sigint(signum, frame):
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
 
 
 def main(argv=None):
+    """Run one subcommand; returns its exit status: 0, 2 (an error, one line) or 130 (interrupted).
+
+    SIGINT at any moment (even while JAX is imported) ends with exit 130 and one line; an
+    interrupt that a library swallowed still makes the exit status 130, never 0.
+    """
+    import signal
+
+    global _INTERRUPTED
+    _INTERRUPTED = False
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if args.command in DEVICE_COMMANDS:
-        apply_xla_settings()
+    command = next((a for a in argv if a in SUBCOMMANDS), "")
+    previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        return args.func(args) or 0
-    except RsjaxError as e:
-        print(f"rsjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            parser = build_parser(argv)
+            args = parser.parse_args(argv)
+            if args.command in DEVICE_COMMANDS:
+                apply_xla_settings(args.command)
+            status = args.func(args) or 0
+        except RsjaxError as e:
+            if _INTERRUPTED:
+                raise KeyboardInterrupt from None
+            print(f"rsjax {command}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if _INTERRUPTED:
+                raise KeyboardInterrupt from None
+            print(f"rsjax {command}: error: {_os_error_line(e)}", file=sys.stderr)
+            return 2
+        if _INTERRUPTED:
+            raise KeyboardInterrupt
+        return status
     except KeyboardInterrupt:
-        print(f"rsjax {args.command}: interrupted (rows written so far are kept; run again to resume)", file=sys.stderr)
+        kept = " (rows written so far are kept; run again to resume)" if command in DEVICE_COMMANDS else ""
+        print(f"rsjax {command}: interrupted{kept}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

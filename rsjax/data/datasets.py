@@ -1,8 +1,11 @@
 """Test/train images for certification: MNIST, CIFAR-10 and ImageNet, as float32 NHWC in [0, 1].
 
-Where the data comes from (first that exists):
+Where the data comes from (the first that holds it):
 
-1. ``data_dir`` given and holding the standard local files (directly or in ``data_dir/<dataset>``):
+1. tensorflow-datasets: ``mnist``, ``cifar10``, ``imagenet2012`` (validation split for ``test``),
+   prepared in ``data_dir`` when one is given, else in tfds's default data directory; read with
+   random access through ``tfds.data_source`` (needs the array_record file format).
+2. ``data_dir`` holding the standard local files (directly or in ``data_dir/<dataset>``):
    - MNIST: the IDX files ``t10k-images-idx3-ubyte[.gz]`` / ``t10k-labels-idx1-ubyte[.gz]``
      (``train-*`` for the train split);
    - CIFAR-10: ``cifar-10-batches-py/test_batch`` (``data_batch_1..5`` for train), the python
@@ -10,10 +13,11 @@ Where the data comes from (first that exists):
    - ImageNet: ``val/<wnid>/*.JPEG`` (``train/<wnid>/...`` for train); the class index is the
      position of the wnid in the sorted list of folders (torchvision ImageFolder order), and
      each image gets Cohen's test transform Resize(256) + CenterCrop(224) (PIL, bilinear).
-2. tensorflow-datasets, when the dataset is prepared in ``data_dir`` (or tfds's default data
-   directory): ``mnist``, ``cifar10``, ``imagenet2012`` (validation split for ``test``), read
-   with random access through ``tfds.data_source`` (needs the array_record file format).
-3. No ``data_dir`` given: the real subsets in ``rsjax.paths.SHARED_DATA/<dataset>``.
+3. No ``data_dir`` given: the directory in the environment variable ``RSJAX_DATA_DIR``
+   (tensorflow-datasets prepared there, or the standard files as in 2).
+
+An explicit ``data_dir`` is never bypassed: with one, tfds's default directory and
+``RSJAX_DATA_DIR`` are not consulted. There is no built-in default directory.
 
 Images are read lazily per index (ImageNet decodes only the images asked for); MNIST and
 CIFAR-10 are small and are held in memory as uint8. An index outside the dataset is a
@@ -22,22 +26,49 @@ CIFAR-10 are small and are held in memory as uint8. An index outside the dataset
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 
 from rsjax.errors import DataError
-from rsjax.paths import SHARED_DATA
 
-DATASETS = {
-    # name: (num_classes, input_shape HWC, tfds name, {split: tfds split})
-    "mnist": (10, (28, 28, 1), "mnist", {"test": "test", "train": "train"}),
-    "cifar10": (10, (32, 32, 3), "cifar10", {"test": "test", "train": "train"}),
-    "imagenet": (1000, (224, 224, 3), "imagenet2012", {"test": "validation", "train": "train"}),
-}
+DATA_DIR_ENV = "RSJAX_DATA_DIR"
 SPLITS = ("test", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a dataset that models and converters rely on.
+
+    ``input_shape`` is (H, W, C) of the [0, 1] images fed to a model; ``mean``/``std`` are the
+    per-channel statistics Cohen et al.'s ``NormalizeLayer`` uses (locuslab/smoothing,
+    ``code/datasets.py``: ``_CIFAR10_MEAN``/``_STDDEV``, ``_IMAGENET_MEAN``/``_STDDEV``; MNIST's
+    are the usual torchvision values); ``tfds_name``/``tfds_splits`` name it in
+    tensorflow-datasets.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple
+    mean: tuple
+    std: tuple
+    tfds_name: str = ""
+    tfds_splits: tuple = (("test", "test"), ("train", "train"))
+
+    def tfds_split(self, split):
+        return dict(self.tfds_splits)[split]
+
+
+DATASET_INFO = {d.name: d for d in (
+    DatasetInfo("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,), "mnist"),
+    DatasetInfo("cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10"),
+    DatasetInfo("imagenet", 1000, (224, 224, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet2012",
+                (("test", "validation"), ("train", "train"))),
+)}
 
 
 class Dataset:
@@ -85,9 +116,9 @@ class Dataset:
 
 def load_dataset(name: str, split: str = "test", data_dir=None) -> Dataset:
     """Open dataset ``name`` (``mnist``, ``cifar10``, ``imagenet``); see the module docstring
-    for where it is looked for. Raises DataError naming the files looked for when none exist."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    for where it is looked for. Raises DataError naming the places looked in when none holds it."""
+    if name not in DATASET_INFO:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_INFO)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     looked = []
@@ -95,19 +126,32 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> Dataset:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise DataError(f"--data-dir {data_dir} is not a directory")
-        for d in (data_dir, data_dir / name):
-            ds = _local(name, split, d, looked)
-            if ds is not None:
-                return ds
-    ds = _tfds(name, split, data_dir, looked)
-    if ds is not None:
-        return ds
-    if data_dir is None:
-        ds = _local(name, split, SHARED_DATA / name, looked)
+        ds = _tfds(name, split, data_dir, looked) or _in_dir(name, split, data_dir, looked)
         if ds is not None:
             return ds
-    raise DataError(f"no {name} {split} data found: looked for {'; '.join(looked)}"
-                    + ("" if data_dir is not None else "; pass --data-dir DIR with the standard files"))
+        raise DataError(f"no {name} {split} data found in --data-dir {data_dir}: looked for {'; '.join(looked)}")
+    ds = _tfds(name, split, None, looked)
+    if ds is not None:
+        return ds
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        env_dir = Path(env)
+        if not env_dir.is_dir():
+            raise DataError(f"{DATA_DIR_ENV}={env} is not a directory")
+        ds = _tfds(name, split, env_dir, looked) or _in_dir(name, split, env_dir, looked)
+        if ds is not None:
+            return ds
+    raise DataError(f"no {name} {split} data found: looked for {'; '.join(looked) or 'tensorflow-datasets'}; "
+                    f"pass --data-dir DIR (or set {DATA_DIR_ENV}) with the standard files")
+
+
+def _in_dir(name, split, d: Path, looked):
+    """The standard local files in ``d`` or ``d/<name>``, or None."""
+    for sub in (d, d / name):
+        ds = _local(name, split, sub, looked)
+        if ds is not None:
+            return ds
+    return None
 
 
 # ---------------------------------------------------------------- local standard files
@@ -153,7 +197,8 @@ def _mnist(split, d, looked):
     x, y = _read_idx(imgs), _read_idx(labs)
     if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):
         raise DataError(f"{imgs}: expected N 28x28 images and N labels, got {x.shape} and {y.shape}")
-    return Dataset("mnist", split, 10, (28, 28, 1), len(x),
+    info = DATASET_INFO["mnist"]
+    return Dataset("mnist", split, info.num_classes, info.input_shape, len(x),
                    lambda i: (x[i, :, :, None] / np.float32(255), y[i]), str(imgs.parent))
 
 
@@ -177,7 +222,8 @@ def _cifar10(split, d, looked):
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R,G,B planes -> HWC
         ys.append(np.asarray(labels, np.int64))
     x, y = np.concatenate(xs), np.concatenate(ys)
-    return Dataset("cifar10", split, 10, (32, 32, 3), len(x),
+    info = DATASET_INFO["cifar10"]
+    return Dataset("cifar10", split, info.num_classes, info.input_shape, len(x),
                    lambda i: (x[i] / np.float32(255), y[i]), str(base))
 
 
@@ -195,7 +241,8 @@ def _imagenet(split, d, looked):
         files += [(p, c) for p in sorted((root / w).iterdir()) if p.suffix.lower() in IMAGENET_EXTENSIONS]
     if not files:
         return None
-    return Dataset("imagenet", split, 1000, (224, 224, 3), len(files),
+    info = DATASET_INFO["imagenet"]
+    return Dataset("imagenet", split, info.num_classes, info.input_shape, len(files),
                    lambda i: (imagenet_transform(files[i][0]), files[i][1]), str(root))
 
 
@@ -235,7 +282,8 @@ def _tfds(name, split, data_dir, looked):
         import tensorflow_datasets as tfds
     except Exception:  # tfds missing or broken: the local files are the other way in
         return None
-    _, shape, tname, splits = DATASETS[name]
+    info = DATASET_INFO[name]
+    shape, tname = info.input_shape, info.tfds_name
     import logging
 
     absl_log = logging.getLogger("absl")
@@ -252,7 +300,7 @@ def _tfds(name, split, data_dir, looked):
     if not prepared:
         return None
     try:
-        source = builder.as_data_source(split=splits[split])
+        source = builder.as_data_source(split=info.tfds_split(split))
         length = len(source)
     except Exception as e:
         raise DataError(f"tensorflow-datasets {tname} is prepared in {builder.data_dir} but cannot be read "
@@ -268,4 +316,4 @@ def _tfds(name, split, data_dir, looked):
             img = np.asarray(resize_center_crop(Image.fromarray(img).convert("RGB")))
         return img.reshape(shape).astype(np.float32) / np.float32(255), int(ex["label"])
 
-    return Dataset(name, split, DATASETS[name][0], shape, length, get, f"tensorflow-datasets {builder.data_dir}")
+    return Dataset(name, split, info.num_classes, shape, length, get, f"tensorflow-datasets {builder.data_dir}")

@@ -1,0 +1,112 @@
+"""Certifiers: how a certificate is computed for an image at its noise level sigma.
+
+A method (:mod:`rsjax.methods`) chooses sigma per input; a certifier turns (x, sigma) into a
+prediction and a certified radius. ``rsjax certify --certifier NAME`` picks one (default
+``cohen``), with the flags generated from its config dataclass (:mod:`rsjax.config`).
+
+A :class:`Certifier` has:
+
+- ``name``: the ``--certifier`` value.
+- ``guarantee``: what its rows certify when the method's sigma is global (``fixed`` for Cohen
+  CERTIFY; a certifier may also return a per-row ``guarantee`` column).
+- ``config``: a frozen dataclass of its options (fields built with :func:`rsjax.config.option`).
+- ``build(cfg, classifier, *, seed, batch_size) -> runner`` where ``classifier`` is a loaded
+  :class:`rsjax.classifier.Classifier` (``.f``, ``.meta``) and ``runner.certify(x, idx, sigma,
+  *, n0, n, alpha, progress=None) -> dict`` of numpy arrays, one entry per image, for the keys
+  ``predict`` (int, -1 = abstain), ``radius``, ``pA_lower``, ``nonfinite`` (draws whose logits
+  were not all finite, no vote) and the certifier's ``columns``; optionally ``guarantee``.
+  ``progress(k)`` is called with the number of noisy forward samples just done. Noise comes
+  from :func:`rsjax.core.sampler.image_keys` with ``seed`` and the dataset indices ``idx``.
+- ``columns``: names of its extra output columns, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+from rsjax.errors import RsjaxError
+
+RESULT_KEYS = ("predict", "radius", "pA_lower", "nonfinite")
+
+
+@dataclasses.dataclass(frozen=True)
+class Certifier:
+    name: str
+    guarantee: str
+    config: type
+    build: Callable
+    columns: tuple = ()
+
+
+CERTIFIERS: dict = {}
+
+# modules that register built-in certifiers when imported
+BUILTIN_MODULES: tuple = ()
+
+
+def register(certifier: Certifier) -> Certifier:
+    if not dataclasses.is_dataclass(certifier.config):
+        raise TypeError(f"certifier {certifier.name}: config must be a dataclass")
+    CERTIFIERS[certifier.name] = certifier
+    return certifier
+
+
+def _load_builtin():
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+def get_certifier(name: str) -> Certifier:
+    _load_builtin()
+    if name not in CERTIFIERS:
+        raise RsjaxError(f"unknown certifier {name!r}; choose from {', '.join(sorted(CERTIFIERS))}")
+    return CERTIFIERS[name]
+
+
+def all_certifiers() -> dict:
+    _load_builtin()
+    return dict(CERTIFIERS)
+
+
+# ------------------------------------------------------------------------------------ cohen
+
+@dataclasses.dataclass(frozen=True)
+class CohenConfig:
+    """Cohen et al. (2019) CERTIFY has no options beyond N0, N and alpha."""
+
+
+class CohenRunner:
+    """Cohen et al. (2019), Algorithm CERTIFY, through :class:`rsjax.core.certify.Smoother`:
+    c_A from n0 ``select`` draws, then p_A's Clopper-Pearson lower bound from n ``estimate``
+    draws; radius sigma * Phi^-1(pA_lower) when pA_lower > 1/2, else abstain."""
+
+    def __init__(self, classifier, *, seed, batch_size):
+        from rsjax.core.certify import Smoother
+
+        self.seed = seed
+        self.smoother = Smoother(classifier.f, int(classifier.meta["num_classes"]), batch_size)
+
+    def group_size(self, num_images, nums):
+        """Images per call that fill the device batch for each draw count in ``nums``."""
+        return max(self.smoother.layout(max(num_images, 1), num)[0] for num in nums)
+
+    def certify(self, x, idx, sigma, *, n0, n, alpha, progress=None, group=None):
+        pred, radius, pa, nonfinite = self.smoother.certify(x, sigma, n0=n0, n=n, alpha=alpha, key=self.seed,
+                                                           idx=idx, group=group, progress=progress)
+        return {"predict": pred, "radius": radius, "pA_lower": pa, "nonfinite": nonfinite}
+
+    def predict(self, x, idx, sigma, *, n, alpha, progress=None, group=None):
+        pred, pvalue, nonfinite = self.smoother.predict(x, sigma, n=n, alpha=alpha, key=self.seed, idx=idx,
+                                                       group=group, progress=progress)
+        return {"predict": pred, "pvalue": pvalue, "nonfinite": nonfinite}
+
+
+def build_cohen(cfg: CohenConfig, classifier, *, seed, batch_size) -> CohenRunner:
+    return CohenRunner(classifier, seed=seed, batch_size=batch_size)
+
+
+COHEN = register(Certifier(name="cohen", guarantee="fixed", config=CohenConfig, build=build_cohen))
+
+__all__ = ["Certifier", "CohenConfig", "CohenRunner", "RESULT_KEYS", "all_certifiers", "get_certifier", "register"]

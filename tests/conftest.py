@@ -1,12 +1,19 @@
-"""Shared test configuration: CPU JAX, the real data location, a skip for missing data."""
+"""Shared test configuration: CPU JAX, the real data location, a skip for missing data.
+
+The library has no default data directory; the tests (and the ``rsjax`` subprocesses they start,
+which inherit the environment) find the development layout ``../shared/data`` through
+``RSJAX_DATA_DIR``.
+"""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
-
 from rsjax.paths import SHARED_DATA  # noqa: E402
+
+os.environ.setdefault("RSJAX_DATA_DIR", str(SHARED_DATA))
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

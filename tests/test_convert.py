@@ -281,23 +281,36 @@ def test_strict_mapping_names_keys():
     assert n == sum(t.numel() for k, t in sd.items() if not k.endswith("num_batches_tracked"))
 
 
-def test_read_checkpoint_weights_only_fallback(tmp_path):
+def test_read_checkpoint_allows_data_only_globals(tmp_path):
     import argparse
 
     sd = {"fc.bias": torch.zeros(3)}
     torch.save({"state_dict": sd, "best_acc": np.float64(91.5)}, tmp_path / "np.pth")
     notes = []
-    obj = read_checkpoint(tmp_path / "np.pth", log=notes.append)  # numpy scalars: still weights-only
+    obj = read_checkpoint(tmp_path / "np.pth", log=notes.append)  # numpy scalars: weights-only
     assert obj["best_acc"] == 91.5 and notes == []
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pth")
-    obj = read_checkpoint(tmp_path / "ns.pth", log=notes.append)
-    assert obj["args"].lr == 0.1
-    assert len(notes) == 1 and "argparse.Namespace" in notes[0] and "weights_only=False" in notes[0]
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1, arch="cifar_resnet20")}, tmp_path / "ns.pth")
+    obj = read_checkpoint(tmp_path / "ns.pth", log=notes.append)  # saved training arguments: weights-only too
+    assert obj["args"].lr == 0.1 and notes == []
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "nope.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty or truncated"):
         read_checkpoint(tmp_path / "empty.pth")
+
+
+def test_convert_refuses_non_finite_tensors_naming_the_key(tmp_path):
+    _, model = _net("cifar_resnet20", 10, 0, _cifar_norm())
+    for key, value in (("layer2.1.conv1.weight", float("nan")), ("bn1.running_var", float("inf"))):
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["1." + key].view(-1)[3] = value
+        src = _save({"state_dict": sd, "arch": "cifar_resnet20"}, tmp_path / "cifar10" / "bad.pth")
+        with pytest.raises(CheckpointError, match=f"tensor {key} has 1 non-finite"):
+            convert_checkpoint(src, tmp_path / "out", log=lambda s: None)
+        assert not (tmp_path / "out" / "rsjax_model.json").exists()
+    # the same file without the bad value converts (the check is what refused it)
+    src = _save({"state_dict": model.state_dict(), "arch": "cifar_resnet20"}, tmp_path / "cifar10" / "good.pth")
+    convert_checkpoint(src, tmp_path / "out", log=lambda s: None)
 
 
 def test_load_classifier_not_a_model(tmp_path):

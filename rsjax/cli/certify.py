@@ -372,7 +372,7 @@ def run_certify(args):
         batch = resolve_batch(args, run.clf)
         runner = certifier.build(certifier_cfg, run.clf, seed=args.seed, batch_size=batch)
         chooser = None if method.build is None else method.build(method_cfg, run.clf, seed=args.seed,
-                                                                 batch_size=batch)
+                                                                 batch_size=batch, n=args.N)
         memory = None if method.memory is None else method.memory(method_cfg, run.outfile)
         # the memory check turns a per-input certificate into a memory one (DDRS section 4.3)
         guarantee = "memory" if memory is not None else (
@@ -392,8 +392,9 @@ def run_certify(args):
                 # images on resume, and the memory recognises them by index
                 cert["predict"], cert["radius"] = memory.update(x, cert["predict"], cert["radius"], idx=idx)
                 memory.save()
-            # a method's column may need the certificate (e.g. QCRS's pABar): a callable of it
-            extras = {k: v(cert) if callable(v) else v for k, v in extras.items()}
+            if hasattr(chooser, "finish"):  # the method's columns that depend on the certificate
+                extras = chooser.finish(extras, predict=cert["predict"], radius=cert["radius"],
+                                        pA_lower=cert["pA_lower"])
             rows = _base_rows(idx, labels, cert["predict"])
             for i, row in enumerate(rows):
                 row.update(radius=float(cert["radius"][i]), sigma=float(sigma[i]), pA_lower=float(cert["pA_lower"][i]),

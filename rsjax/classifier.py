@@ -9,18 +9,29 @@ A converted model is a directory holding
   sigma or null), and provenance (``source``, ``source_sha256``, ``source_format``,
   ``converter_version``). It is written last, so its presence marks a complete model.
 
-``load_classifier`` returns ``f`` with ``f(x) = net((x - mean) / std)``: ``x`` is float32
-``(B, H, W, C)`` in [0, 1]. For ``center`` std is 1, for ``none`` mean is 0 and std 1.
+  ``variables_sha256`` (:func:`variables_sha256` of the variables, written by :func:`save_classifier`).
+
+``load_classifier`` returns a :class:`Classifier` (it unpacks as ``f, meta``) with
+``f(x) = net((x - mean) / std)``: ``x`` is float32 ``(B, H, W, C)`` in [0, 1]. For ``center`` std
+is 1, for ``none`` mean is 0 and std 1. Loading verifies the checksum (when the metadata has one:
+older conversions load without) and that every variable is finite; either failing is a
+:class:`rsjax.errors.CheckpointError` naming the problem, never a certificate.
+
+:func:`classifier_from_variables` is the one factory from (architecture, variables, metadata) to a
+classifier, used by :func:`load_classifier`, the benchmarks and the training code.
 """
 
+import dataclasses
+import hashlib
 import json
 import shutil
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
-from rsjax.errors import RsjaxError
+from rsjax.errors import CheckpointError, RsjaxError
 
 META_FILE = "rsjax_model.json"
 VARIABLES_DIR = "variables"
@@ -47,6 +58,11 @@ def save_classifier(out_dir, variables, meta, *, overwrite=False):
     meta.setdefault("sigma", None)
     meta.setdefault("normalization", _normalization_of(meta["mean"], meta["std"]))
     meta["format_version"] = 1
+    tree = _to_numpy_tree(variables)
+    bad = nonfinite_leaves(tree)
+    if bad:
+        raise RsjaxError(f"variables {', '.join(bad[:3])} hold NaN or infinite values; refusing to save them")
+    meta["variables_sha256"] = variables_sha256(tree)
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -55,7 +71,6 @@ def save_classifier(out_dir, variables, meta, *, overwrite=False):
             raise RsjaxError(f"{out_dir}: not an rsjax model directory; refusing to overwrite it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = _to_numpy_tree(variables)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(out_dir / VARIABLES_DIR, tree)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -81,20 +96,123 @@ def read_meta(path):
     return meta
 
 
-def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
-    """Load a converted model: ``(f, meta)`` with ``logits = f(x)``.
+def _leaves(tree, prefix=""):
+    """(path, array) of every leaf of a nested dict, sorted by path ('params/conv1/kernel')."""
+    if hasattr(tree, "items"):
+        out = []
+        for k in sorted(tree, key=str):
+            out += _leaves(tree[k], f"{prefix}/{k}" if prefix else str(k))
+        return out
+    return [(prefix, np.asarray(tree))]
 
-    ``x``: float32 ``(B, H, W, C)`` in [0, 1]; logits: float32 ``(B, num_classes)``. ``f`` is pure
-    and jit-compatible; the normalisation is inside. ``dtype="bfloat16"`` computes the network in
-    bfloat16 (weights stored float32, logits returned float32). ``fold_bn=True`` (default) folds
-    each BatchNorm into the preceding convolution (:mod:`rsjax.models.fold`): the same function up
-    to float rounding (logits within 1e-6 in float32), faster; ``fold_bn=False`` evaluates the
-    network exactly as converted. ``pack_narrow`` computes narrow 3x3 convolutions width-packed
-    (:mod:`rsjax.models.pack`, after folding; the same function up to float rounding); ``None`` (default) packs
-    where that was measured to be faster: a folded model with :func:`rsjax.xla.pack_narrow_convs`.
 
-    ``f.variables`` (the Flax variables), ``f.apply(variables, x)`` (the same function with the
-    weights passed explicitly, preferable inside a large jit) and ``f.meta`` are attached.
+def variables_sha256(variables) -> str:
+    """sha256 (hex) of the variables: every leaf in path order, as its path, dtype, shape and
+    little-endian bytes, so any changed value, shape or name changes it."""
+    h = hashlib.sha256()
+    for path, a in _leaves(variables):
+        a = np.ascontiguousarray(a)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        h.update(f"{path}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def nonfinite_leaves(variables) -> list:
+    """Paths of the floating-point leaves holding a NaN or an infinity."""
+    return [p for p, a in _leaves(variables)
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Classifier:
+    """A base classifier ``logits = f(x)`` with its metadata; unpacks as ``f, meta``.
+
+    ``f`` is pure and jit-compatible (``x`` float32 (B, H, W, C) in [0, 1], logits float32
+    (B, K)); calling the classifier calls ``f``. ``checksum`` is the sha256 of the variables as
+    stored (None for a classifier not loaded from disk). ``variables`` / ``apply`` are ``f``'s
+    (``apply(variables, x) == f(x)``), None for a plain function.
+    """
+
+    f: Callable
+    meta: dict
+    checksum: Optional[str] = None
+
+    def __iter__(self):
+        return iter((self.f, self.meta))
+
+    def __call__(self, x):
+        return self.f(x)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(int(v) for v in self.meta["input_shape"])
+
+    @property
+    def variables(self):
+        return getattr(self.f, "variables", None)
+
+    @property
+    def apply(self):
+        return getattr(self.f, "apply", None)
+
+
+def classifier_from_variables(arch, variables, meta, *, dtype="float32", fold=True, pack=False,
+                              checksum=None) -> Classifier:
+    """The classifier ``f(x) = net((x - mean) / std)`` of ``arch`` with ``variables`` (Flax
+    ``{'params', 'batch_stats'}``) and ``meta`` (num_classes, input_shape, mean, std, ...).
+
+    ``dtype="bfloat16"`` computes the network in bfloat16 (logits returned float32). ``fold``
+    folds each BatchNorm into the preceding convolution (:mod:`rsjax.models.fold`: the same
+    function up to float rounding). ``pack`` computes narrow 3x3 convolutions width-packed
+    (:mod:`rsjax.models.pack`, after folding; the same function up to float rounding); whether
+    that is faster depends on the XLA settings: :func:`rsjax.xla.pack_narrow_convs` says.
+    ``f.variables``, ``f.apply(variables, x)`` (one jitted function per architecture, dtype,
+    normalisation and layout, shared by every model of that kind) and ``f.meta`` are attached.
+    """
+    import jax
+
+    from rsjax.models import ARCHS
+
+    if dtype not in _DTYPES:
+        raise RsjaxError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if arch not in ARCHS:
+        raise RsjaxError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    variables = jax.device_put(variables)
+    folded = packed = frozenset()
+    if fold:
+        from rsjax.models.fold import fold_variables
+
+        variables, folded = fold_variables(variables)
+    if pack and folded:
+        from rsjax.models.pack import pack_variables
+
+        variables, packed = pack_variables(variables)
+    meta = dict(meta, arch=arch, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed))
+    apply = _jitted_apply(arch, int(meta["num_classes"]), dtype,
+                          tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded,
+                          packed)
+
+    def f(x):
+        return apply(variables, x)
+
+    f.variables, f.apply, f.meta = variables, apply, meta
+    return Classifier(f, meta, checksum)
+
+
+def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=False) -> Classifier:
+    """Load a converted model: a :class:`Classifier` (``f, meta = load_classifier(path)`` works).
+
+    ``x``: float32 ``(B, H, W, C)`` in [0, 1]; logits: float32 ``(B, num_classes)``; the
+    normalisation is inside. ``dtype``, ``fold_bn`` and ``pack_narrow`` as ``dtype``, ``fold`` and
+    ``pack`` of :func:`classifier_from_variables` (packing needs folding; ``rsjax certify`` packs
+    where :func:`rsjax.xla.pack_narrow_convs` says it is faster). The variables' checksum
+    (``variables_sha256`` in the metadata, when present) and their finiteness are verified:
+    :class:`CheckpointError` otherwise.
     """
     import jax
     import jax.numpy as jnp
@@ -118,34 +236,16 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
     except Exception as e:  # noqa: BLE001 - one line for any corrupt/mismatching checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RsjaxError(f"{path}: cannot restore the variables ({type(e).__name__}: {first[:200]})") from None
-    variables = jax.device_put(restored)
-    folded = frozenset()
-    if fold_bn:
-        from rsjax.models.fold import fold_variables
-
-        variables, folded = fold_variables(variables)
-    if pack_narrow is None:
-        from rsjax.xla import pack_narrow_convs
-
-        pack_narrow = pack_narrow_convs(folded=bool(folded))
-    packed = frozenset()
-    if pack_narrow:
-        from rsjax.models.pack import pack_variables
-
-        variables, packed = pack_variables(variables)
-    meta = dict(meta, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed))
-
-    apply = _jitted_apply(arch, int(meta["num_classes"]), dtype,
-                          tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded,
-                          packed)
-
-    def f(x):
-        return apply(variables, x)
-
-    f.variables = variables
-    f.apply = apply
-    f.meta = meta
-    return f, meta
+    host = jax.tree_util.tree_map(np.asarray, restored)
+    checksum = variables_sha256(host)
+    want = meta.get("variables_sha256")
+    if want is not None and want != checksum:
+        raise CheckpointError(f"{path}: the variables do not match their checksum (variables_sha256 in {META_FILE}): "
+                              f"the model files are damaged; convert the checkpoint again")
+    bad = nonfinite_leaves(host)
+    if bad:
+        raise CheckpointError(f"{path}: variables {', '.join(bad[:3])} hold NaN or infinite values")
+    return classifier_from_variables(arch, host, meta, dtype=dtype, fold=fold_bn, pack=pack_narrow, checksum=checksum)
 
 
 @lru_cache(maxsize=None)

@@ -54,13 +54,25 @@ def images(values):
     return x
 
 
-def parse_method_args(method, argv=(), seed=0, batch=1 << 14):
-    """The Namespace a certify command would hand to ``method.build`` (method options only)."""
+def method_config(method, argv=()):
+    """The method's config from command-line flags (method options only), through rsjax.config."""
+    from rsjax import config
+
     p = argparse.ArgumentParser()
-    method.add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.seed, args.batch = seed, batch
-    return args
+    config.add_arguments(p, method.config)
+    return config.from_args(method.config, p.parse_args(list(argv)))
+
+
+def toy(f, meta=None):
+    """A toy base classifier as the methods take it (a rsjax.classifier.Classifier)."""
+    from rsjax.classifier import Classifier
+
+    return Classifier(f, dict(META if meta is None else meta))
+
+
+def build(method, argv=(), f=None, meta=None, seed=0, batch=1 << 14, n=None):
+    """``method.build`` with the config of ``argv`` on the toy classifier ``f``."""
+    return method.build(method_config(method, argv), toy(f, meta), seed=seed, batch_size=batch, n=n)
 
 
 META = {"num_classes": 2, "input_shape": [1, 1, 1], "sigma": None}

@@ -70,23 +70,19 @@ def _rows(idx, labels, cols):
     return out
 
 
-def _method_chooser(name, argv, f, meta):
-    """The sigma chooser of ``--method name`` with the flags ``argv`` (method options only)."""
+def _method_chooser(name, argv, classifier):
+    """The sigma chooser of ``--method name`` with the flags ``argv`` (method options only),
+    through the method's config dataclass."""
+    import argparse
+
+    from rsjax import config
     from rsjax.methods import get_method
 
     method = get_method(name)
-    cfg = method.config_from_flags(argv) if hasattr(method, "config_from_flags") else None
-    if cfg is None:  # the API before method configs: an argparse namespace
-        import argparse
-
-        p = argparse.ArgumentParser()
-        method.add_arguments(p)
-        args = p.parse_args(list(argv))
-        args.seed, args.batch, args.N = SEED, BATCH, N
-        return method.build(args, f, meta)
-    from rsjax.classifier import Classifier  # noqa: F401  (the new API)
-
-    return method.build(cfg, f, seed=SEED, batch_size=BATCH)
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, method.config)
+    cfg = config.from_args(method.config, p.parse_args(list(argv)))
+    return method.build(cfg, classifier, seed=SEED, batch_size=BATCH, n=N)
 
 
 def _certify(smoother, x, sigma, idx):
@@ -105,7 +101,7 @@ def run_all(tmp):
     from rsjax.core.certify import Smoother
 
     loaded = _model(tmp)
-    f, meta = loaded
+    f, _ = loaded
     x, labels = _images()
     smoother = Smoother(f, 10, BATCH)
     tables = {}
@@ -115,12 +111,15 @@ def run_all(tmp):
     p = smoother.predict(x, spread, n=N, alpha=ALPHA, key=SEED, idx=IDX)
     tables["predict"] = _rows(IDX, labels, {"predict": p[0], "pvalue": p[1], "sigma": spread})
     for name, argv in METHOD_CASES.items():
-        chooser = _method_chooser(name, argv, loaded if hasattr(loaded, "checksum") else f, meta)
+        chooser = _method_chooser(name, argv, loaded)
         sigma, extras = chooser(x, IDX, np.full(len(IDX), SIGMA))
         sigma = np.asarray(sigma, np.float64)
         pred, radius, pA = _certify(smoother, x, sigma, IDX)
         cols = {"predict": pred, "radius": radius, "sigma": sigma, "pA_lower": pA}
-        cols.update({k: v for k, v in extras.items() if k != "pABar"})
+        if hasattr(chooser, "finish"):
+            extras = chooser.finish(extras, predict=pred, radius=radius, pA_lower=pA)
+            assert np.array_equal(extras.pop("pABar"), pA)
+        cols.update(extras)
         tables[name] = _rows(IDX, labels, cols)
         if name == "ddrs":
             from rsjax.methods.memory import Memory

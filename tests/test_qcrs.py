@@ -7,36 +7,38 @@ import pytest
 from rsjax.errors import RsjaxError
 from rsjax.methods import get_method
 from rsjax.methods._common import method_keys
-from rsjax.methods.qcrs import (QCRS, QCRSConfig, effective_n, parse_budget, plan_grid, reference_budget,
+from rsjax.methods.qcrs import (QCRS, QCRSConfig, QCRSPlan, effective_n, parse_budget, plan_grid, reference_budget,
                                 reference_slopes, search_draws)
-from tests._helpers_methods import (META, cp_radius_curve, images, parse_method_args, slab, slab_maximiser,
+from tests._helpers_methods import (BOUNDARY, V0, META, halfspace, cp_radius_curve, images, build, slab, toy, slab_maximiser,
                                     slab_pA)
 
 
 def test_reference_accounting_matches_the_spec_table():
     # spec 5.2: CIFAR sigma=0.5 README settings -> 5 loop iterations (6 slopes), 7,500 extra draws
-    cfg = QCRSConfig(epsilon=0.03, left=0.12, right=1.7, epsilon_step=0.2, gradient_n=500, search="bisection")
+    cfg = QCRSPlan(epsilon=0.03, left=0.12, right=1.7, epsilon_step=0.2, gradient_n=500, search="bisection")
     assert reference_slopes(0.12, 1.7, 0.03) == 6
     assert search_draws(cfg)["total"] == 7500
-    cfg = QCRSConfig(epsilon=0.03, left=0.08, right=0.9, epsilon_step=0.4, gradient_n=500, search="bisection")
+    cfg = QCRSPlan(epsilon=0.03, left=0.08, right=0.9, epsilon_step=0.4, gradient_n=500, search="bisection")
     assert search_draws(cfg)["total"] == 6500
 
 
 @pytest.mark.parametrize("left,right,eps", [(0.12, 1.7, 0.03), (0.08, 0.9, 0.03), (0.07, 0.36, 0.001), (0.4, 0.6, 0.01)])
 def test_grid_needs_fewer_rounds_and_no_more_draws(left, right, eps):
-    grid = QCRSConfig(epsilon=eps, left=left, right=right, gradient_n=500)
-    ref = QCRSConfig(epsilon=eps, left=left, right=right, gradient_n=500, search="bisection")
+    grid = QCRSPlan(epsilon=eps, left=left, right=right, gradient_n=500)
+    ref = QCRSPlan(epsilon=eps, left=left, right=right, gradient_n=500, search="bisection")
     g, r = search_draws(grid), search_draws(ref)
     assert g["total"] <= r["total"]
     assert g["search_rounds"] < r["search_rounds"]
     rounds, _ = plan_grid(grid)
-    # the final bracket is at most epsilon wide, as the reference's
-    assert (right - left) * (2 / (grid.candidates - 1)) ** rounds <= eps
+    # the fewest rounds whose final bracket is at most epsilon wide, as the reference's
+    # (closed form, independent of grid_rounds' loop)
+    shrink = 2 / (grid.candidates - 1)
+    assert rounds == max(1, int(np.ceil(np.log(eps / (right - left)) / np.log(shrink) - 1e-12)))
 
 
 def test_one_sampler_call_per_round_and_the_planned_draws():
-    cfg = QCRSConfig(epsilon=0.03, left=0.12, right=1.7, gradient_n=200)
-    q = QCRS(slab, 2, cfg, batch_size=4096)
+    cfg = QCRSPlan(epsilon=0.03, left=0.12, right=1.7, gradient_n=200)
+    q = QCRS(toy(slab), cfg, batch_size=4096)
     idx = np.arange(3)
     q.choose(images([0.5, 0.6, 0.7]), 0.5, method_keys(0, idx, "search"), method_keys(0, idx, "check"))
     d = search_draws(cfg)
@@ -49,13 +51,13 @@ def test_finds_the_closed_form_maximiser_on_a_slab(search):
     """Slab classifier: pA(sigma) = Phi((m - a)/sigma) - Phi((-m - a)/sigma); the searched curve is
     sigma * Phi^-1(CP lower bound); its maximiser (computed in closed form) is found within epsilon."""
     eps, n = 0.05, 20000
-    cfg = QCRSConfig(epsilon=eps, left=0.02, right=1.0, gradient_n=n, search=search, epsilon_step=2.0)
+    cfg = QCRSPlan(epsilon=eps, left=0.02, right=1.0, gradient_n=n, search=search, epsilon_step=2.0)
     n_eval = plan_grid(cfg)[1] if search == "grid" else n
     truth = slab_maximiser(n_eval, cfg.alpha, cfg.left, cfg.right)
     assert 0.1 < truth < 0.2  # an interior maximum
     m = 8
     idx = np.arange(m)
-    q = QCRS(slab, 2, cfg, batch_size=1 << 16)
+    q = QCRS(toy(slab), cfg, batch_size=1 << 16)
     sigma, info = q.choose(images([0.5] * m), 0.5, method_keys(1, idx, "search"), method_keys(1, idx, "check"))
     err = np.abs(info["search_sigma"] - truth)
     assert err.max() <= eps, (truth, info["search_sigma"])
@@ -64,8 +66,8 @@ def test_finds_the_closed_form_maximiser_on_a_slab(search):
 
 
 def test_grid_brackets_shrink_by_two_over_c_minus_one():
-    cfg = QCRSConfig(epsilon=0.01, left=0.1, right=1.0, gradient_n=2000, candidates=9)
-    q = QCRS(slab, 2, cfg, batch_size=1 << 15)
+    cfg = QCRSPlan(epsilon=0.01, left=0.1, right=1.0, gradient_n=2000, candidates=9)
+    q = QCRS(toy(slab), cfg, batch_size=1 << 15)
     _, info = q.choose(images([0.5, 0.55]), 0.3, method_keys(0, np.arange(2), "search"),
                        method_keys(0, np.arange(2), "check"))
     width = cfg.right - cfg.left
@@ -78,8 +80,8 @@ def test_grid_brackets_shrink_by_two_over_c_minus_one():
 def test_safety_check_keeps_sigma0_when_the_search_is_worse():
     # search interval far above the useful noise: at sigma in [3, 4] the slab abstains, so the
     # check must fall back to sigma0 = 0.15
-    cfg = QCRSConfig(epsilon=0.1, left=3.0, right=4.0, gradient_n=500)
-    q = QCRS(slab, 2, cfg, batch_size=1 << 14)
+    cfg = QCRSPlan(epsilon=0.1, left=3.0, right=4.0, gradient_n=500)
+    q = QCRS(toy(slab), cfg, batch_size=1 << 14)
     sigma, info = q.choose(images([0.5, 0.5]), 0.15, method_keys(0, np.arange(2), "search"),
                            method_keys(0, np.arange(2), "check"))
     assert np.all(info["search_sigma"] >= 3.0)
@@ -89,25 +91,24 @@ def test_safety_check_keeps_sigma0_when_the_search_is_worse():
 def test_command_line_options_and_errors():
     method = get_method("qcrs")
     assert method.guarantee == "per-input" and "best_sigma" in method.extra_columns
-    args = parse_method_args(method, ["--epsilon", "0.03", "--left", "0.12", "--right", "1.7",
-                                      "--epsilon_step", "0.2", "--gradient_n", "100"])
-    chooser = method.build(args, slab, META)
+    chooser = build(method, ["--epsilon", "0.03", "--left", "0.12", "--right", "1.7",
+                             "--epsilon_step", "0.2", "--gradient_n", "100"], slab)
     sigma, extras = chooser(images([0.5, 0.6]), np.array([4, 9]), np.array([0.5, 0.5]))
     assert sigma.shape == (2,) and np.all(sigma > 0)
     np.testing.assert_array_equal(extras["best_sigma"], sigma)
     assert chooser.qcrs.cfg.h == pytest.approx(0.15)
     with pytest.raises(RsjaxError, match="--right"):
-        method.build(parse_method_args(method, ["--left", "0.5", "--right", "0.4"]), slab, META)
+        build(method, ["--left", "0.5", "--right", "0.4"], slab)
     with pytest.raises(RsjaxError, match="--qcrs-candidates"):
-        method.build(parse_method_args(method, ["--qcrs-candidates", "3"]), slab, META)
+        build(method, ["--qcrs-candidates", "3"], slab)
 
 
 # --- search budget (--qcrs-budget) ----------------------------------------------------------------
 @pytest.mark.parametrize("left,right,eps", [(0.12, 1.7, 0.03), (0.08, 0.9, 0.03), (0.07, 0.36, 0.001)])
 @pytest.mark.parametrize("search", ["grid", "bisection"])
 def test_reference_budget_is_the_reference_plan(left, right, eps, search):
-    ref = QCRSConfig(epsilon=eps, left=left, right=right, gradient_n=500, search=search)
-    explicit = QCRSConfig(epsilon=eps, left=left, right=right, gradient_n=500, search=search,
+    ref = QCRSPlan(epsilon=eps, left=left, right=right, gradient_n=500, search=search)
+    explicit = QCRSPlan(epsilon=eps, left=left, right=right, gradient_n=500, search=search,
                           budget=reference_budget(ref))
     assert effective_n(explicit) == 500
     a, b = search_draws(ref), search_draws(explicit)
@@ -118,7 +119,7 @@ def test_reference_budget_is_the_reference_plan(left, right, eps, search):
 @pytest.mark.parametrize("budget", [60, 500, 2999, 3000, 7777])
 @pytest.mark.parametrize("search", ["grid", "bisection"])
 def test_budget_split_never_exceeds_the_budget(budget, search):
-    cfg = QCRSConfig(epsilon=0.03, left=0.08, right=0.9, epsilon_step=0.4, search=search, budget=budget).validate()
+    cfg = QCRSPlan(epsilon=0.03, left=0.08, right=0.9, epsilon_step=0.4, search=search, budget=budget).validate()
     d = search_draws(cfg)
     nB = effective_n(cfg)
     assert d["select"] == nB and d["check"] == 2 * nB
@@ -144,10 +145,8 @@ def test_budget_3pct_of_1e5_finds_the_slab_maximiser_within_draws():
     the same points."""
     method = get_method("qcrs")
     eps = 0.03
-    args = parse_method_args(method, ["--epsilon", str(eps), "--left", "0.02", "--right", "1.0",
-                                      "--qcrs-budget", "3%"], batch=1 << 16)
-    args.N = 100_000
-    chooser = method.build(args, slab, META)
+    chooser = build(method, ["--epsilon", str(eps), "--left", "0.02", "--right", "1.0", "--qcrs-budget", "3%"],
+                    slab, batch=1 << 16, n=100_000)
     q = chooser.qcrs
     assert q.cfg.budget == 3000
     rounds, n_c = plan_grid(q.cfg)
@@ -173,7 +172,7 @@ def test_budget_3pct_of_1e5_finds_the_slab_maximiser_within_draws():
     assert err.max() <= 0.2
     assert loss <= 0.04, loss
 
-    ref = QCRS(slab, 2, QCRSConfig(epsilon=eps, left=0.02, right=1.0), batch_size=1 << 16)
+    ref = QCRS(toy(slab), QCRSPlan(epsilon=eps, left=0.02, right=1.0), batch_size=1 << 16)
     _, ref_info = ref.choose(images(0.5 + offsets), 0.25, *keys)
     assert ref.counter.draws == 7484
     _, ref_loss = quality(ref_info["search_sigma"])
@@ -191,8 +190,62 @@ def test_budget_parsing_and_errors():
     with pytest.raises(RsjaxError, match="needs --N"):
         parse_budget("3%")
     method = get_method("qcrs")
-    args = parse_method_args(method, ["--epsilon", "0.03", "--left", "0.08", "--right", "0.9", "--qcrs-budget", "3%"])
-    args.N = 1000  # 30 draws: fewer than 3 + 2 x 16 candidates
+    # 3% of N = 1000 is 30 draws: fewer than 3 + 2 x 16 candidates
     with pytest.raises(RsjaxError, match="too small") as e:
-        method.build(args, slab, META)
+        build(method, ["--epsilon", "0.03", "--left", "0.08", "--right", "0.9", "--qcrs-budget", "3%"], slab, n=1000)
+    with pytest.raises(RsjaxError, match="needs --N"):
+        build(method, ["--qcrs-budget", "3%"], slab)  # a percentage needs the certificate's N
     assert "\n" not in str(e.value)
+
+
+def test_bisection_follows_the_reference_on_zero_slopes():
+    """A classifier whose estimated radius is 0 at every sigma (p_A = 1/2 exactly: the image sits
+    on the half-space boundary), so every slope is zero. The reference's direction rule
+    (ntuaislab/QCRS code/core_qcrs.py, binary_search_bisection) then goes down first and reverses
+    at every later step, recording each move: on [0.12, 1.7] with epsilon 0.03 it ends at 0.6508
+    (the rule that recorded only non-zero slopes ended at 0.8977)."""
+    cfg = QCRSPlan(epsilon=0.03, left=0.12, right=1.7, epsilon_step=0.2, gradient_n=200, search="bisection",
+                   check=False)
+    q = QCRS(toy(halfspace), cfg, batch_size=4096)
+    idx = np.arange(3)
+    sigma, info = q.choose(images([BOUNDARY] * 3), 0.25, method_keys(0, idx, "search"), method_keys(0, idx, "check"))
+    # the reference's loop, by hand: down, then up/down alternately
+    L, U = 0.12, 1.7
+    U = (L + U) / 2
+    up = True
+    while U - L > 0.03:
+        mid = (L + U) / 2
+        L, U = (mid, U) if up else (L, mid)
+        up = not up
+    assert round((L + U) / 2, 4) == 0.6508
+    np.testing.assert_allclose(sigma, (L + U) / 2)
+    assert len(info["history"]) == reference_slopes(0.12, 1.7, 0.03)
+
+
+def test_safety_check_rules():
+    """``rsjax`` (default): a side whose own argmax is not c_A has radius 0, so the check never
+    moves to a sigma certified for another class; ``reference`` (the reference's fast_certify):
+    each side's radius for its own argmax, so it does. Here c_A = 1 while the half-space predicts
+    class 0 at both sigmas."""
+    x = images([V0, V0])
+    keys = method_keys(0, np.arange(2), "check")
+    cA = np.array([1, 1])
+    sigma0, sigma_star = np.array([0.1, 0.1]), np.array([0.2, 0.2])
+    ours = QCRS(toy(halfspace), QCRSPlan(gradient_n=400), batch_size=4096)
+    kept, rad = ours.safety_check(x, sigma0, sigma_star, keys, cA)
+    np.testing.assert_array_equal(kept, sigma0)
+    assert np.all(rad == 0)
+    ref = QCRS(toy(halfspace), QCRSPlan(gradient_n=400, check_rule="reference"), batch_size=4096)
+    kept, rad = ref.safety_check(x, sigma0, sigma_star, keys, cA)
+    np.testing.assert_array_equal(kept, sigma_star)
+    assert np.all(rad[:, 1] > rad[:, 0]) and np.all(rad > 0)
+    with pytest.raises(RsjaxError, match="--qcrs-check-rule"):
+        QCRSConfig(qcrs_check_rule="other")  # a config made in Python is validated too
+
+
+def test_pabar_comes_from_the_chooser_after_certify():
+    method = get_method("qcrs")
+    chooser = build(method, ["--epsilon", "0.3", "--left", "0.12", "--right", "1.0", "--gradient_n", "50"], slab)
+    sigma, extras = chooser(images([0.5]), np.array([0]), np.array([0.5]))
+    done = chooser.finish(extras, predict=np.array([0]), radius=np.array([0.3]), pA_lower=np.array([0.77]))
+    assert set(done) == set(method.extra_columns) and done["pABar"][0] == 0.77

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 PREFERRED = {"cpu": 400, "gpu": 2048, "cuda": 2048, "rocm": 2048, "tpu": 2048}
+DEFAULT_BATCH_SIZE = PREFERRED["cpu"]  # the Python API's forward batch when none is given
 PROBE_BATCH = 8
 OVERHEAD = 2.0  # counter buffers (noise, one-hot counts) on top of the forward's own
 MEMORY_FRACTION = 0.25
@@ -100,4 +101,4 @@ def parse_batch(value) -> int | str:
     return value
 
 
-__all__ = ["PREFERRED", "auto_batch_size", "bytes_per_sample", "device_memory_bytes", "parse_batch"]
+__all__ = ["DEFAULT_BATCH_SIZE", "PREFERRED", "auto_batch_size", "bytes_per_sample", "device_memory_bytes", "parse_batch"]

@@ -42,7 +42,7 @@ def cohen_radius(pA_lower, sigma):
     return np.asarray(sigma, dtype=np.float64) * stats.norm.ppf(np.asarray(pA_lower, dtype=np.float64))
 
 
-def certify_from_counts(counts0, counts1, sigma, alpha):
+def certify_from_counts(counts0, counts1, sigma, alpha, n=None):
     """CERTIFY steps 1, 3 and 4 given the selection and estimation counts.
 
     Args:
@@ -50,6 +50,8 @@ def certify_from_counts(counts0, counts1, sigma, alpha):
       counts1: int (M, K) counts of the n independent estimation draws; n_A = counts1[c_A].
       sigma: float scalar or (M,) noise level of each image.
       alpha: failure probability.
+      n: the number of estimation draws (default ``counts1.sum(axis=1)``); draws that are no vote
+        for any class (non-finite logits) count among the n trials and against c_A.
 
     Returns ``(prediction int64[M], radius float64[M], pA_lower float64[M])``:
     prediction c_A and radius sigma * Phi^{-1}(pA_lower) if pA_lower >= 1/2 (Cohen's test is
@@ -59,7 +61,7 @@ def certify_from_counts(counts0, counts1, sigma, alpha):
     counts1 = np.asarray(counts1)
     cA = np.argmax(counts0, axis=1)
     nA = np.take_along_axis(counts1, cA[:, None], axis=1)[:, 0]
-    n = counts1.sum(axis=1)
+    n = counts1.sum(axis=1) if n is None else np.broadcast_to(np.asarray(n, np.int64), nA.shape)
     pA_lower = np.atleast_1d(clopper_pearson_lower(nA, n, alpha))
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64), pA_lower.shape)
     ok = pA_lower >= 0.5

@@ -13,22 +13,28 @@ A method is a :class:`Method`:
   ``fixed`` (one global sigma, Cohen), ``per-input`` (sigma chosen per input with sample
   splitting: a true certificate of g_{sigma_x} at x, not of one global classifier), or
   ``memory`` (per-input plus DDRS's memory-based consistency check).
-- ``add_arguments(parser)``: registers the method's own options on the certify parser
-  (option names must not clash with other methods'; prefix them if needed).
-- ``build(args, f, meta) -> chooser``: returns ``chooser(x, idx, sigma0) -> (sigma, extras)``
-  where ``x`` is float (M, H, W, C), ``idx`` int (M,) dataset indices (derive keys from
-  ``args.seed`` and idx), ``sigma0`` float (M,), ``sigma`` float (M,) the chosen levels and
-  ``extras`` a dict of per-image numpy columns written to the output (may be empty).
-- ``memory``: optional ``memory(args, out_path) -> Memory`` for stateful post-processing
-  (DDRS section 4.3). A Memory has ``update(x, predict, radius) -> (predict, radius)`` (numpy
-  arrays for one batch of images in dataset order), ``save()`` (called after the rows of a
-  batch are written, so a resumed run continues it), and ``changed`` (count of certificates
-  it changed).
+- ``config``: the frozen dataclass of its options (fields made with :func:`rsjax.config.option`);
+  the command-line flags, their help and the recorded settings come from it
+  (:mod:`rsjax.config`), and its ``__post_init__`` refuses bad values.
+- ``build(cfg, classifier, *, seed, batch_size) -> chooser`` (None for Cohen: sigma is the global
+  SIGMA). ``classifier`` is a :class:`rsjax.classifier.Classifier`. The chooser is
+  ``chooser(x, idx, sigma0) -> (sigma, extras)``: ``x`` float (M, H, W, C), ``idx`` int (M,)
+  dataset indices (keys come from ``seed`` and idx), ``sigma0`` float (M,) the command's SIGMA;
+  ``sigma`` float (M,) the chosen levels and ``extras`` a dict of per-image columns. A chooser may
+  have ``finish(extras, *, predict, radius, pA_lower) -> extras``, called after CERTIFY, for
+  columns that depend on the final certificate (QCRS's ``pABar``).
+- ``memory``: optional ``memory(cfg, out_path) -> Memory | None`` for stateful post-processing
+  (DDRS section 4.3). A Memory has ``update(x, predict, radius, idx) -> (predict, radius)``
+  (numpy arrays for one batch of images in dataset order), ``save()`` (called after the rows of a
+  batch are written, so a resumed run continues it), and ``changed`` (count of certificates it
+  changed). It starts empty unless ``out_path`` already holds certified rows.
+- ``extra_columns``: the names of the chooser's extras, in output order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Optional
 
 GUARANTEES = ("fixed", "per-input", "memory")
@@ -38,31 +44,30 @@ GUARANTEES = ("fixed", "per-input", "memory")
 class Method:
     name: str
     guarantee: str
-    add_arguments: Callable
-    build: Optional[Callable]  # None: sigma is the global --sigma (Cohen)
+    config: type
+    build: Optional[Callable]  # None: sigma is the global SIGMA (Cohen)
     memory: Optional[Callable] = None
     extra_columns: tuple = ()  # names of the extras columns, in output order
-    doc: str = ""
 
 
-def _no_arguments(parser):
-    return None
+@dataclasses.dataclass(frozen=True)
+class CohenConfig:
+    """Cohen et al. CERTIFY at one global sigma: no options of its own."""
 
 
-COHEN = Method(
-    name="cohen",
-    guarantee="fixed",
-    add_arguments=_no_arguments,
-    build=None,
-    doc="Cohen et al. CERTIFY at one global sigma.",
-)
+COHEN = Method(name="cohen", guarantee="fixed", config=CohenConfig, build=None)
 
 METHODS = {"cohen": COHEN}
+
+# Modules that register the input-specific sigma methods when imported.
+BUILTIN_MODULES = ("rsjax.methods.ddrs", "rsjax.methods.qcrs", "rsjax.methods.instars")
 
 
 def register(method: Method):
     if method.guarantee not in GUARANTEES:
         raise ValueError(f"guarantee must be one of {GUARANTEES}, got {method.guarantee!r}")
+    if not (isinstance(method.config, type) and dataclasses.is_dataclass(method.config)):
+        raise TypeError(f"method {method.name!r}: config must be a dataclass type")
     METHODS[method.name] = method
     return method
 
@@ -81,16 +86,6 @@ def all_methods():
     return dict(METHODS)
 
 
-# Modules that register input-specific sigma methods (issue 6) when imported.
-BUILTIN_MODULES = ("rsjax.methods.ddrs", "rsjax.methods.qcrs", "rsjax.methods.instars")
-
-
 def _load_builtin():
-    import importlib
-
     for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a method module not written yet
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)

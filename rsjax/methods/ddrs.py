@@ -25,25 +25,54 @@ Memory (spec 4.3, ``--ddrs-memory``): the certify command feeds every certified 
 dataset order, through :class:`rsjax.methods.memory.Memory`, which shrinks or relabels a
 certificate whose ball would overlap a stored ball of another class (guarantee ``memory``).
 
-Command line: --ddrs-sigma0, --ddrs-lr, --ddrs-steps, --ddrs-n, --ddrs-clamp LO,HI, --ddrs-memory.
+Options (:class:`DDRSConfig`): --ddrs-sigma0, --ddrs-lr, --ddrs-steps, --ddrs-n, --ddrs-clamp LO,HI,
+--ddrs-memory.
 Output extras: sigma0 (the start of the ascent).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
+from rsjax.config import option
 from rsjax.errors import RsjaxError, check_count, check_positive
 from rsjax.methods import Method, register
-from rsjax.methods._common import memory_factory, method_keys, parse_float_list, training_sigma
+from rsjax.methods._common import memory_factory, method_keys, parse_float_list, training_sigma, unpack
 
 SIGMA_FLOOR = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
 class DDRSConfig:
+    """DDRS's options (flags and recorded settings come from these fields)."""
+
+    ddrs_sigma0: Optional[float] = option(None, "start of the ascent (default: the model's training sigma, else SIGMA)")
+    ddrs_lr: float = option(1e-4, "gradient-ascent step on sigma")
+    ddrs_steps: int = option(100, "ascent iterations K")
+    ddrs_n: int = option(1, "noise draws per iteration")
+    ddrs_clamp: str = option("0.02,0.98", "LO,HI clip of psi before Phi^-1", metavar="LO,HI")
+    ddrs_memory: bool = option(False, "memory-based certification (section 4.3): shrink/relabel overlapping "
+                                      "certificates")
+
+    def __post_init__(self):
+        self.ascent()
+
+    def ascent(self) -> "Ascent":
+        """The ascent settings (:class:`Ascent`), validated."""
+        clamp = parse_float_list(self.ddrs_clamp, "--ddrs-clamp")
+        if len(clamp) != 2:
+            raise RsjaxError(f"--ddrs-clamp must be two numbers LO,HI, got {self.ddrs_clamp!r}")
+        return Ascent(sigma0=self.ddrs_sigma0, lr=self.ddrs_lr, steps=self.ddrs_steps, n=self.ddrs_n,
+                      clamp=clamp).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class Ascent:
+    """The gradient-ascent settings the optimiser runs with."""
+
     sigma0: float | None = None  # None: meta['sigma'], else the certify command's SIGMA
     lr: float = 1e-4
     steps: int = 100
@@ -53,6 +82,8 @@ class DDRSConfig:
     def validate(self):
         if self.sigma0 is not None:
             check_positive("--ddrs-sigma0", self.sigma0)
+            if not np.isfinite(self.sigma0):
+                raise RsjaxError(f"--ddrs-sigma0 must be finite, got {self.sigma0}")
         check_positive("--ddrs-lr", self.lr)
         check_count("--ddrs-steps", self.steps, minimum=0)
         check_count("--ddrs-n", self.n)
@@ -77,7 +108,7 @@ def surrogate_radius(f, x, sigma, eps, clamp):
     return sigma / 2.0 * (ndtri(p[:, 0]) - ndtri(p[:, 1]))
 
 
-def make_optimizer(f, cfg: DDRSConfig):
+def make_optimizer(f, cfg: Ascent):
     """Jitted ``optimize(x, sigma0, keys) -> sigma`` running the K ascent steps on the device."""
     import jax
     import jax.numpy as jnp
@@ -109,40 +140,14 @@ def make_optimizer(f, cfg: DDRSConfig):
     return optimize
 
 
-# --- command line -------------------------------------------------------------------------------
-def add_arguments(parser):
-    g = parser.add_argument_group("DDRS (--method ddrs)")
-    d = DDRSConfig()
-    g.add_argument("--ddrs-sigma0", type=float, default=None,
-                   help="start of the ascent (default: the model's training sigma, else SIGMA)")
-    g.add_argument("--ddrs-lr", type=float, default=d.lr, help="gradient-ascent step on sigma (1e-4)")
-    g.add_argument("--ddrs-steps", type=int, default=d.steps, help="ascent iterations K (100)")
-    g.add_argument("--ddrs-n", type=int, default=d.n, help="noise draws per iteration (1)")
-    g.add_argument("--ddrs-clamp", default="0.02,0.98", help="LO,HI clip of psi before Phi^-1 (0.02,0.98)")
-    g.add_argument("--ddrs-memory", action="store_true",
-                   help="memory-based certification (spec 4.3): shrink/relabel overlapping certificates")
-
-
-def config_from_args(args) -> DDRSConfig:
-    d = DDRSConfig()
-    clamp = parse_float_list(getattr(args, "ddrs_clamp", "0.02,0.98"), "--ddrs-clamp")
-    if len(clamp) != 2:
-        raise RsjaxError(f"--ddrs-clamp must be two numbers LO,HI, got {getattr(args, 'ddrs_clamp', None)!r}")
-    return DDRSConfig(
-        sigma0=getattr(args, "ddrs_sigma0", None),
-        lr=getattr(args, "ddrs_lr", d.lr),
-        steps=getattr(args, "ddrs_steps", d.steps),
-        n=getattr(args, "ddrs_n", d.n),
-        clamp=clamp,
-    ).validate()
-
-
-def build(args, f, meta):
-    """chooser(x, idx, sigma0) -> (sigma_x, {'sigma0': start}) for the certify command."""
-    cfg = config_from_args(args)
-    optimize = make_optimizer(f, cfg)
-    seed = int(getattr(args, "seed", 0))
-    start = cfg.sigma0 if cfg.sigma0 is not None else training_sigma(meta)
+# --- the method ----------------------------------------------------------------------------------
+def build(cfg: DDRSConfig, classifier, *, seed, batch_size=None, n=None):
+    """chooser(x, idx, sigma0) -> (sigma_x, {'sigma0': start}). The ascent runs on the whole batch
+    of images at once (``batch_size`` and ``n``, the certificate's N, are not used)."""
+    f, meta, _ = unpack(classifier)
+    ascent = cfg.ascent()
+    optimize = make_optimizer(f, ascent)
+    start = ascent.sigma0 if ascent.sigma0 is not None else training_sigma(meta)
 
     import jax.numpy as jnp
 
@@ -159,10 +164,8 @@ def build(args, f, meta):
 METHOD = register(Method(
     name="ddrs",
     guarantee="per-input",
-    add_arguments=add_arguments,
+    config=DDRSConfig,
     build=build,
     memory=memory_factory("ddrs_memory"),
     extra_columns=("sigma0",),
-    doc="DDRS: per-input sigma by gradient ascent (jax.grad) on the soft radius surrogate.",
 ))
-

@@ -36,26 +36,66 @@ Output extras: sigma_start (the start that won) and search_radius (its R_hat).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
+from rsjax.config import option
+from rsjax.core.batching import DEFAULT_BATCH_SIZE
 from rsjax.errors import RsjaxError, check_count, check_positive
 from rsjax.methods import Method, register
 from rsjax.methods._common import (
-    CandidateCounter,
-    batch_size_of,
+    candidate_counter,
+    class_counts,
     estimated_radius,
     memory_factory,
     method_keys,
-    num_classes_of,
     parse_float_list,
     round_keys,
     training_sigma,
+    unpack,
 )
+
+BOUND_SLACK = 1e-12  # a start sigma0 * 2^k on a bound by float rounding still counts as inside
 
 
 @dataclasses.dataclass(frozen=True)
 class InstaRSConfig:
+    """Insta-RS's options (flags and recorded settings come from these fields; module doc)."""
+
+    instars_exponents: str = option("-1,0,1", "starts sigma0 * 2^k for these k (write --instars-exponents=-2,-1,0)")
+    instars_train_sigmas: Optional[str] = option(None, "extra starts: comma list of training sigmas "
+                                                       "(default: the model's training sigma)")
+    instars_min: Optional[float] = option(None, "lowest sigma searched (default SIGMA/4)")
+    instars_max: Optional[float] = option(None, "highest sigma searched (default 4*SIGMA)")
+    instars_n: int = option(256, "draws per evaluation of R_hat")
+    instars_n0: int = option(100, "draws at SIGMA that fix the class c_A")
+    instars_steps: int = option(4, "local-search steps T per start")
+    instars_eta: float = option(0.25, "initial multiplicative step")
+    instars_alpha: float = option(0.001, "Clopper-Pearson alpha inside the search")
+    instars_memory: bool = option(False, "memory-based consistency check (DDRS section 4.3) over the certified balls")
+
+    def __post_init__(self):
+        self.search(None)
+
+    def search(self, meta) -> "InstaRSSearch":
+        """The search settings (:class:`InstaRSSearch`) for a model with metadata ``meta`` (its
+        training sigma is the default extra start)."""
+        exps = parse_float_list(self.instars_exponents, "--instars-exponents")
+        if self.instars_train_sigmas is None:
+            ts = training_sigma(meta)
+            train = () if ts is None else (ts,)
+        else:
+            train = parse_float_list(self.instars_train_sigmas, "--instars-train-sigmas")
+        return InstaRSSearch(exponents=tuple(exps), train_sigmas=tuple(train), sigma_min=self.instars_min,
+                             sigma_max=self.instars_max, n=self.instars_n, n0=self.instars_n0,
+                             steps=self.instars_steps, eta=self.instars_eta, alpha=self.instars_alpha).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class InstaRSSearch:
+    """The resolved search settings the algorithm runs with."""
+
     exponents: tuple = (-1, 0, 1)
     train_sigmas: tuple = ()
     sigma_min: float | None = None  # None: sigma0 / 4
@@ -74,6 +114,9 @@ class InstaRSConfig:
             raise RsjaxError(f"--instars-eta must be in (0, 1), got {self.eta}")
         if not (0.0 < self.alpha < 1.0):
             raise RsjaxError(f"--instars-alpha must be in (0, 1), got {self.alpha}")
+        for name, v in (("--instars-min", self.sigma_min), ("--instars-max", self.sigma_max)):
+            if v is not None and not np.isfinite(v):
+                raise RsjaxError(f"{name} must be finite, got {v}")
         if not self.exponents and not self.train_sigmas:
             raise RsjaxError("Insta-RS needs at least one start (--instars-exponents or --instars-train-sigmas)")
         for s in self.train_sigmas:
@@ -92,26 +135,26 @@ class InstaRSConfig:
         return lo, hi
 
 
-def start_set(sigma0: float, cfg: InstaRSConfig):
+def start_set(sigma0: float, cfg: InstaRSSearch):
     """Sorted start levels S for one image (rule 2 of the module doc)."""
     lo, hi = cfg.bounds(sigma0)
     cand = [sigma0 * 2.0 ** k for k in cfg.exponents] + list(cfg.train_sigmas)
-    s = sorted({round(float(v), 12) for v in cand if lo - 1e-12 <= v <= hi + 1e-12})
+    s = sorted({round(float(v), 12) for v in cand if lo - BOUND_SLACK <= v <= hi + BOUND_SLACK})
     if not s:
         raise RsjaxError(f"no Insta-RS start lies in [{lo}, {hi}] for sigma0 = {sigma0}")
     return s
 
 
-def draws_per_image(num_starts: int, cfg: InstaRSConfig) -> int:
+def draws_per_image(num_starts: int, cfg: InstaRSSearch) -> int:
     return cfg.n0 + num_starts * cfg.n + 3 * cfg.steps * num_starts * cfg.n
 
 
 class InstaRS:
     """``choose(x, sigma0, search_keys) -> (sigma, info)`` for a batch of images."""
 
-    def __init__(self, f, num_classes: int, cfg: InstaRSConfig, batch_size: int = 1000):
+    def __init__(self, classifier, cfg: InstaRSSearch, batch_size: int = DEFAULT_BATCH_SIZE):
         self.cfg = cfg.validate()
-        self.counter = CandidateCounter(f, num_classes, batch_size)
+        self.counter = candidate_counter(classifier, batch_size)
 
     def choose(self, x, sigma0, search_keys):
         cfg = self.cfg
@@ -125,16 +168,16 @@ class InstaRS:
         hi = np.array([cfg.bounds(float(s))[1] for s in sigma0])[:, None]
         rows = np.arange(m)[:, None]
 
-        c0 = self.counter(x, sigma0[:, None], round_keys(search_keys, 0), cfg.n0)
-        cA = np.argmax(c0[:, 0], axis=-1)
+        c0 = self.counter.candidates(x, sigma0[:, None], round_keys(search_keys, 0), cfg.n0)
+        cA = np.argmax(class_counts(c0[:, 0]), axis=-1)
 
         sigma = S.copy()
-        counts = self.counter(x, sigma, round_keys(search_keys, 1), cfg.n)
+        counts = self.counter.candidates(x, sigma, round_keys(search_keys, 1), cfg.n)
         rhat, _ = estimated_radius(counts, cA[:, None], sigma, cfg.alpha)
         eta = np.full(sigma.shape, cfg.eta)
         for t in range(1, cfg.steps + 1):
             cand = np.stack([sigma, np.clip(sigma * (1 - eta), lo, hi), np.clip(sigma * (1 + eta), lo, hi)], -1)
-            counts = self.counter(x, cand.reshape(m, -1), round_keys(search_keys, t + 1), cfg.n)
+            counts = self.counter.candidates(x, cand.reshape(m, -1), round_keys(search_keys, t + 1), cfg.n)
             r3, _ = estimated_radius(counts.reshape(m, width, 3, -1), cA[:, None, None], cand, cfg.alpha)
             # ties: stay (index 0), then the smaller sigma (index 1)
             j = np.argmax(r3, axis=-1)
@@ -143,53 +186,16 @@ class InstaRS:
             eta = np.where(j == 0, eta / 2.0, eta)
         best = np.argmax(rhat, axis=1)
         info = {"sigma_start": S[rows[:, 0], best], "search_radius": rhat[rows[:, 0], best],
-                "starts": S, "cA": cA, "final_sigmas": sigma}
+                "starts": S, "cA": cA}
         return sigma[rows[:, 0], best], info
 
 
-# --- command line -------------------------------------------------------------------------------
-def add_arguments(parser):
-    g = parser.add_argument_group("Insta-RS (--method instars)")
-    d = InstaRSConfig()
-    g.add_argument("--instars-exponents", default="-1,0,1", help="starts sigma0 * 2^k for these k (default -1,0,1; write --instars-exponents=-2,-1,0)")
-    g.add_argument("--instars-train-sigmas", default=None,
-                   help="extra starts: comma list of training sigmas (default: the model's training sigma)")
-    g.add_argument("--instars-min", type=float, default=None, help="lowest sigma searched (default SIGMA/4)")
-    g.add_argument("--instars-max", type=float, default=None, help="highest sigma searched (default 4*SIGMA)")
-    g.add_argument("--instars-n", type=int, default=d.n, help="draws per evaluation of R_hat (256)")
-    g.add_argument("--instars-n0", type=int, default=d.n0, help="draws at SIGMA that fix the class c_A (100)")
-    g.add_argument("--instars-steps", type=int, default=d.steps, help="local-search steps T per start (4)")
-    g.add_argument("--instars-eta", type=float, default=d.eta, help="initial multiplicative step (0.25)")
-    g.add_argument("--instars-alpha", type=float, default=d.alpha, help="Clopper-Pearson alpha inside the search")
-    g.add_argument("--instars-memory", action="store_true",
-                   help="memory-based consistency check (DDRS section 4.3) over the certified balls")
-
-
-def config_from_args(args, meta=None) -> InstaRSConfig:
-    d = InstaRSConfig()
-    exps = parse_float_list(getattr(args, "instars_exponents", "-1,0,1"), "--instars-exponents")
-    train = getattr(args, "instars_train_sigmas", None)
-    if train is None:
-        ts = training_sigma(meta)
-        train = () if ts is None else (ts,)
-    else:
-        train = parse_float_list(train, "--instars-train-sigmas")
-    return InstaRSConfig(
-        exponents=tuple(exps), train_sigmas=tuple(train),
-        sigma_min=getattr(args, "instars_min", None), sigma_max=getattr(args, "instars_max", None),
-        n=getattr(args, "instars_n", d.n), n0=getattr(args, "instars_n0", d.n0),
-        steps=getattr(args, "instars_steps", d.steps), eta=getattr(args, "instars_eta", d.eta),
-        alpha=getattr(args, "instars_alpha", d.alpha),
-    ).validate()
-
-
-def build(args, f, meta):
-    """chooser(x, idx, sigma0) -> (sigma_x, {'sigma_start', 'search_radius'})."""
-    cfg = config_from_args(args, meta)
-    shape = tuple((meta or {}).get("input_shape") or ())
-    K = num_classes_of(f, meta, shape) if shape else int(meta["num_classes"])
-    insta = InstaRS(f, K, cfg, batch_size_of(args))
-    seed = int(getattr(args, "seed", 0))
+# --- the method ----------------------------------------------------------------------------------
+def build(cfg: InstaRSConfig, classifier, *, seed, batch_size=DEFAULT_BATCH_SIZE, n=None):
+    """chooser(x, idx, sigma0) -> (sigma_x, {'sigma_start', 'search_radius'}) (``n``, the
+    certificate's N, is not used)."""
+    _, meta, _ = unpack(classifier)
+    insta = InstaRS(classifier, cfg.search(meta), batch_size)
 
     def chooser(x, idx, sigma0):
         sigma, info = insta.choose(x, sigma0, method_keys(seed, idx, "search"))
@@ -202,9 +208,8 @@ def build(args, f, meta):
 METHOD = register(Method(
     name="instars",
     guarantee="per-input",
-    add_arguments=add_arguments,
+    config=InstaRSConfig,
     build=build,
     memory=memory_factory("instars_memory"),
     extra_columns=("sigma_start", "search_radius"),
-    doc="Insta-RS: multi-start multiplicative local search for the per-input sigma (spec section 6).",
 ))

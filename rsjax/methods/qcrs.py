@@ -26,18 +26,28 @@ uses no more samples than the reference's bisection:
     n_c = floor(2 n S_ref / (R C)),   S_ref = the reference's number of slope evaluations
                                       = 1 + #halvings from (right-left)/2 down to <= epsilon.
 
-``bisection`` (the reference's ``binary_search_bisection``, section 5.2, for comparison): one
-finite-difference slope R(sigma+h) - R(sigma-h) (h = epsilon/epsilon_step, n fresh draws on each
-side, each side's radius 0 if its own argmax is not c_A) per sequential step, bracket halved by
-its sign (slope 0: move toward the smaller sigma unless the last move was downward - the
-reference's rule). sigma - h < 0 is evaluated as in the reference.
+``bisection`` (ntuaislab/QCRS ``code/core_qcrs.py``, ``binary_search_bisection``, followed
+exactly): one finite-difference slope R(sigma+h) - R(sigma-h) (h = epsilon/epsilon_step, n fresh
+draws on each side, each side's radius 0 if its own argmax is not c_A) per sequential step, the
+bracket halved by its sign. A zero slope moves down at the first step; later it reverses the last
+move (down after an upward move, up after a downward one) and records that move as the last
+one, as the reference's direction variable does; on a classifier whose slopes are all zero the
+search therefore zig-zags (on [0.12, 1.7] with epsilon 0.03 it ends at 0.6508). sigma - h < 0 is
+evaluated as in the reference.
 
 Both: c_A = argmax of n draws at sigma0 first; after the search the safety check runs
 FAST_CERTIFY (CP lower bound with n draws) at sigma0 and at sigma* with fresh ``check`` draws and
-keeps sigma* only if its radius is strictly larger (else sigma0). A side whose own argmax is not
-c_A counts as radius 0 there too [D: the spec's FAST_CERTIFY uses its own argmax; without this a
-search interval where the smoothed classifier flips to another class would pass the check with
-that class's radius].
+keeps sigma* only if its radius is strictly larger (else sigma0). Two rules
+(``--qcrs-check-rule``):
+
+- ``rsjax`` (default): common draws at sigma0 and sigma* (a paired comparison), and a side whose
+  own argmax is not c_A counts as radius 0, as in the slopes. This is the sounder rule: the
+  reference's lets the check switch to a sigma at which the smoothed classifier predicts another
+  class than the one the search was run for, on the strength of that other class's radius.
+- ``reference``: the reference's ``fast_certify`` exactly: independent draws at each side and
+  each side's own argmax (its radius whatever class it predicts), for reproducing its numbers.
+
+Neither rule affects soundness of the final certificate, which uses fresh draws.
 
 Draws per image (n = --gradient_n): selection n, search 2 n S_ref (bisection) or R C n_c <=
 2 n S_ref (grid), check 2 n.
@@ -65,11 +75,13 @@ selection 230 + check 460 + grid 2 x 16 x 72 = 2994 draws (reference: 6,500). No
 (sub-streams 0, 1, 2, ...), the check the ``check`` stream; the final certificate uses only
 ``select``/``estimate``, so none of the search's draws is reused (sample splitting).
 
-Command line (reference-compatible names, same meaning): --epsilon, --left, --right,
---epsilon_step, --gradient_n; sigma0 is the certify command's SIGMA. Extra: --qcrs-budget
-{reference,DRAWS,PCT%}, --qcrs-search {grid,bisection}, --qcrs-candidates C, --qcrs-alpha (search CP alpha, 0.001 as hard-coded in the
-reference), --qcrs-no-check, --qcrs-memory (DDRS-style memory check, guarantee ``memory``).
-Output extras: best_sigma and pABar (the reference's name for the final certificate's pA_lower, also in the pA_lower column).
+Options (:class:`QCRSConfig`; reference-compatible names, same meaning): --epsilon, --left,
+--right, --epsilon_step, --gradient_n; sigma0 is the certify command's SIGMA. Extra: --qcrs-budget
+{reference,DRAWS,PCT%}, --qcrs-search {grid,bisection}, --qcrs-candidates C, --qcrs-alpha (search
+CP alpha, 0.001 as hard-coded in the reference), --qcrs-no-check, --qcrs-check-rule
+{rsjax,reference}, --qcrs-memory (DDRS-style memory check, guarantee ``memory``).
+Output extras: best_sigma and pABar (the reference's name for the final certificate's pA_lower,
+also in the pA_lower column; filled by the chooser's ``finish``).
 """
 
 from __future__ import annotations
@@ -78,21 +90,64 @@ import dataclasses
 
 import numpy as np
 
+from rsjax.config import option
+from rsjax.core.batching import DEFAULT_BATCH_SIZE
 from rsjax.errors import RsjaxError, check_count, check_positive
 from rsjax.methods import Method, register
 from rsjax.methods._common import (
-    CandidateCounter,
-    batch_size_of,
+    candidate_counter,
+    class_counts,
     estimated_radius,
     memory_factory,
     method_keys,
-    num_classes_of,
     round_keys,
+    unpack,
 )
+
+CHECK_RULES = ("rsjax", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class QCRSConfig:
+    """QCRS's options (flags and recorded settings come from these fields; module doc)."""
+
+    epsilon: float = option(0.001, "search tolerance on sigma (reference default 0.001)")
+    left: float = option(0.07, "lower end of the sigma search interval")
+    right: float = option(0.36, "upper end of the sigma search interval")
+    epsilon_step: float = option(2.0, "finite-difference step h = epsilon / epsilon_step (bisection search)",
+                                 flag="--epsilon_step")
+    gradient_n: int = option(500, "draws per evaluation of the reference (selection, each slope side, check)",
+                             flag="--gradient_n")
+    qcrs_budget: str = option("reference", "total search draws per image (selection + search + check): "
+                              "'reference' (the reference's n (3 + 2 S_ref) with n = --gradient_n), a number of "
+                              "draws, or a percentage of --N such as 3%%; split in the reference's proportions",
+                              metavar="reference|DRAWS|PCT%")
+    qcrs_search: str = option("grid", "grid: vectorised C-candidate search; bisection: the reference's",
+                              choices=("grid", "bisection"))
+    qcrs_candidates: int = option(16, "candidates per grid round (C)")
+    qcrs_alpha: float = option(0.001, "Clopper-Pearson alpha inside the search")
+    qcrs_no_check: bool = option(False, "skip the safety check against sigma0")
+    qcrs_check_rule: str = option("rsjax", "safety check: rsjax (common draws, c_A only) or reference "
+                                  "(independent draws, each side's own argmax)", choices=CHECK_RULES)
+    qcrs_memory: bool = option(False, "memory-based consistency check (DDRS section 4.3) over the certified balls")
+
+    def __post_init__(self):
+        self.plan(validate_only=True)
+
+    def plan(self, n=None, *, validate_only=False):
+        """The search plan (:class:`QCRSPlan`) with the budget resolved against the certificate's
+        ``n`` (needed only for a percentage budget)."""
+        budget = parse_budget(self.qcrs_budget, n, resolve=not validate_only)
+        return QCRSPlan(epsilon=self.epsilon, left=self.left, right=self.right, epsilon_step=self.epsilon_step,
+                        gradient_n=self.gradient_n, alpha=self.qcrs_alpha, candidates=self.qcrs_candidates,
+                        search=self.qcrs_search, check=not self.qcrs_no_check, check_rule=self.qcrs_check_rule,
+                        budget=budget).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class QCRSPlan:
+    """The resolved search settings the algorithm runs with (``budget``: draws per image or None)."""
+
     epsilon: float = 0.001
     left: float = 0.07
     right: float = 0.36
@@ -102,9 +157,14 @@ class QCRSConfig:
     candidates: int = 16
     search: str = "grid"
     check: bool = True
+    check_rule: str = "rsjax"
     budget: int | None = None  # total search draws per image; None: the reference's (see module doc)
 
     def validate(self):
+        for name, v in (("--epsilon", self.epsilon), ("--left", self.left), ("--right", self.right),
+                        ("--epsilon_step", self.epsilon_step)):
+            if not np.isfinite(v):
+                raise RsjaxError(f"{name} must be a finite number, got {v}")
         check_positive("--epsilon", self.epsilon)
         check_positive("--epsilon_step", self.epsilon_step)
         check_count("--gradient_n", self.gradient_n)
@@ -113,6 +173,8 @@ class QCRSConfig:
             raise RsjaxError(f"--right ({self.right}) must be larger than --left ({self.left})")
         if not (0.0 < self.alpha < 1.0):
             raise RsjaxError(f"--qcrs-alpha must be in (0, 1), got {self.alpha}")
+        if self.check_rule not in CHECK_RULES:
+            raise RsjaxError(f"--qcrs-check-rule must be one of {', '.join(CHECK_RULES)}, got {self.check_rule!r}")
         if self.search not in ("grid", "bisection"):
             raise RsjaxError(f"--qcrs-search must be grid or bisection, got {self.search!r}")
         if int(self.candidates) != self.candidates or self.candidates < 4:
@@ -142,7 +204,7 @@ def reference_slopes(left, right, epsilon) -> int:
     return slopes
 
 
-def grid_rounds(cfg: QCRSConfig) -> int:
+def grid_rounds(cfg: QCRSPlan) -> int:
     """R: the least rounds with (right - left) (2/(C-1))^R <= epsilon (at least 1)."""
     C = int(cfg.candidates)
     width = cfg.right - cfg.left
@@ -153,12 +215,12 @@ def grid_rounds(cfg: QCRSConfig) -> int:
     return max(rounds, 1)
 
 
-def reference_budget(cfg: QCRSConfig) -> int:
+def reference_budget(cfg: QCRSPlan) -> int:
     """B_ref = n (3 + 2 S_ref): the reference's draws per image (selection, slopes, check)."""
     return cfg.gradient_n * (3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon))
 
 
-def effective_n(cfg: QCRSConfig) -> int:
+def effective_n(cfg: QCRSPlan) -> int:
     """n_B: draws per selection / check evaluation (and per slope side of the bisection).
 
     --gradient_n without a budget; floor(B / (3 + 2 S_ref)) with a budget B (module doc)."""
@@ -167,7 +229,7 @@ def effective_n(cfg: QCRSConfig) -> int:
     return int(cfg.budget) // (3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon))
 
 
-def minimum_budget(cfg: QCRSConfig) -> int:
+def minimum_budget(cfg: QCRSPlan) -> int:
     """Least B with n_B >= 1 and (grid) n_c >= 1."""
     base = 3 + 2 * reference_slopes(cfg.left, cfg.right, cfg.epsilon)
     if cfg.search == "grid":
@@ -175,7 +237,7 @@ def minimum_budget(cfg: QCRSConfig) -> int:
     return base
 
 
-def plan_grid(cfg: QCRSConfig):
+def plan_grid(cfg: QCRSPlan):
     """(rounds R, draws per candidate n_c) of the grid search for ``cfg`` (see module doc):
     n_c = floor(2 n S_ref / (R C)) (reference budget) or floor((B - 3 n_B) / (R C)) (budget B)."""
     C = int(cfg.candidates)
@@ -191,11 +253,15 @@ def plan_grid(cfg: QCRSConfig):
     return rounds, int(n_c)
 
 
-def parse_budget(text, N=None):
+PCT_SLACK = 1e-9  # floor(pct / 100 * N) of a percentage that should be whole (3% of 100,000 -> 3000, not 2999)
+
+
+def parse_budget(text, N=None, *, resolve=True):
     """--qcrs-budget value -> draws per image (int) or None for ``reference``.
 
     Forms: ``reference``; a positive integer number of draws (``3000``); a percentage of the
-    certificate's N (``3%`` -> floor(0.03 N))."""
+    certificate's N (``3%`` -> floor(0.03 N)). With ``resolve=False`` a percentage is only checked
+    (and gives None), for validating a config before N is known."""
     if text is None:
         return None
     if not isinstance(text, str):
@@ -215,9 +281,11 @@ def parse_budget(text, N=None):
             raise RsjaxError(bad) from None
         if not (0.0 < pct <= 100.0) or not np.isfinite(pct):
             raise RsjaxError(f"--qcrs-budget percentage must be in (0, 100], got {text!r}")
+        if not resolve:
+            return None
         if N is None:
             raise RsjaxError(f"--qcrs-budget {text} needs --N (the certificate's draws) to be known")
-        draws = int(np.floor(pct / 100.0 * int(N) + 1e-9))
+        draws = int(np.floor(pct / 100.0 * int(N) + PCT_SLACK))
         if draws < 1:
             raise RsjaxError(f"--qcrs-budget {text} of N = {N} is less than one draw")
         return draws
@@ -230,7 +298,7 @@ def parse_budget(text, N=None):
     return int(v)
 
 
-def search_draws(cfg: QCRSConfig) -> dict:
+def search_draws(cfg: QCRSPlan) -> dict:
     """Draws per image of each phase (selection, search, check) and sequential sampler rounds."""
     n = effective_n(cfg)
     if cfg.search == "grid":
@@ -252,14 +320,14 @@ class QCRS:
     ``search_sigma`` (before the check), ``cA`` and the bracket history for tests.
     """
 
-    def __init__(self, f, num_classes: int, cfg: QCRSConfig, batch_size: int = 1000):
+    def __init__(self, classifier, cfg: QCRSPlan, batch_size: int = DEFAULT_BATCH_SIZE):
         self.cfg = cfg.validate()
-        self.counter = CandidateCounter(f, num_classes, batch_size)
+        self.counter = candidate_counter(classifier, batch_size)
 
     # --- phases -------------------------------------------------------------------------------
     def select_class(self, x, sigma0, keys):
-        counts = self.counter(x, np.asarray(sigma0)[:, None], round_keys(keys, 0), effective_n(self.cfg))
-        return np.argmax(counts[:, 0], axis=-1)
+        counts = self.counter.candidates(x, np.asarray(sigma0)[:, None], round_keys(keys, 0), effective_n(self.cfg))
+        return np.argmax(class_counts(counts[:, 0]), axis=-1)
 
     def grid_search(self, x, cA, keys):
         cfg = self.cfg
@@ -273,7 +341,7 @@ class QCRS:
         history = []
         for r in range(rounds):
             sig = L[:, None] + (U - L)[:, None] * t[None, :]  # (M, C)
-            counts = self.counter(x, sig, round_keys(keys, r + 1), n_c)
+            counts = self.counter.candidates(x, sig, round_keys(keys, r + 1), n_c)
             rad, _ = estimated_radius(counts, cA[:, None], sig, cfg.alpha)
             k = np.argmax(rad, axis=1)  # first maximum: the smaller sigma on ties
             rows = np.arange(m)
@@ -284,11 +352,13 @@ class QCRS:
         return best, history
 
     def bisection(self, x, cA, keys):
-        """The reference's binary_search_bisection (spec 5.2), vectorised over images only.
+        """The reference's ``binary_search_bisection`` (ntuaislab/QCRS ``code/core_qcrs.py``),
+        vectorised over images only.
 
-        Every image's bracket halves at each step, so all images take the same S_ref steps.
-        Direction bookkeeping [D where the spec is silent]: the first step records its move
-        (a zero slope counts as a downward move); later steps record only non-zero slopes.
+        Every image's bracket halves at each step, so all images take the same S_ref steps. The
+        direction is the reference's: a positive slope moves up, a negative one down; a zero slope
+        moves down at the first step and afterwards reverses the last move; every move, a zero
+        slope's included, becomes the last move.
         """
         import jax.numpy as jnp
 
@@ -304,30 +374,34 @@ class QCRS:
             sig = np.stack([mid - h, mid + h], axis=1)  # (M, 2)
             # independent fresh draws on each side, as in the reference; one sampler call
             side_keys = jnp.stack([round_keys(keys, 2 * s + 1), round_keys(keys, 2 * s + 2)], axis=1)
-            counts = self.counter(x, sig, side_keys, n)
+            counts = self.counter.candidates(x, sig, side_keys, n)
             rad, _ = estimated_radius(counts, cA[:, None], sig, cfg.alpha)
             slope = rad[:, 1] - rad[:, 0]
-            if s == 0:
-                up = slope > 0
-            else:
-                up = (slope > 0) | ((slope == 0) & (last == -1))
+            up = (slope > 0) | ((slope == 0) & (last == -1))  # last == 0 (first step): down
             L = np.where(up, mid, L)
             U = np.where(up, U, mid)
-            if s == 0:
-                last = np.where(up, 1, -1).astype(np.int8)
-            else:
-                last = np.where(slope > 0, 1, np.where(slope < 0, -1, last)).astype(np.int8)
+            last = np.where(up, 1, -1).astype(np.int8)
             history.append((L.copy(), U.copy()))
         return (L + U) / 2.0, history
 
     def safety_check(self, x, sigma0, sigma_star, keys, cA):
-        """FAST_CERTIFY at sigma0 and sigma* (n fresh 'check' draws, common to both); keep sigma*
-        only where its radius is strictly larger. A side whose own argmax is not c_A counts as
-        radius 0, as in the slopes [D: so the check can never switch to a sigma at which the
-        smoothed classifier predicts another class than at sigma0]."""
+        """FAST_CERTIFY at sigma0 and sigma* with n fresh 'check' draws; keep sigma* only where its
+        radius is strictly larger (module doc). Rule ``rsjax``: common draws, and a side whose own
+        argmax is not c_A counts as radius 0, as in the slopes (the check never switches to a
+        sigma at which the smoothed classifier predicts another class). Rule ``reference``:
+        independent draws per side, each side's radius for its own argmax."""
+        import jax.numpy as jnp
+
         sig = np.stack([sigma0, sigma_star], axis=1)
-        counts = self.counter(x, sig, round_keys(keys, 0), effective_n(self.cfg))
-        rad, _ = estimated_radius(counts, cA[:, None], sig, self.cfg.alpha)
+        n = effective_n(self.cfg)
+        if self.cfg.check_rule == "reference":
+            side_keys = jnp.stack([round_keys(keys, 1), round_keys(keys, 2)], axis=1)
+            counts = self.counter.candidates(x, sig, side_keys, n)
+            own = np.argmax(class_counts(counts), axis=-1)
+            rad, _ = estimated_radius(counts, own, sig, self.cfg.alpha)
+        else:
+            counts = self.counter.candidates(x, sig, round_keys(keys, 0), n)
+            rad, _ = estimated_radius(counts, cA[:, None], sig, self.cfg.alpha)
         return np.where(rad[:, 1] > rad[:, 0], sigma_star, sigma0), rad
 
     def choose(self, x, sigma0, search_keys, check_keys):
@@ -347,68 +421,29 @@ class QCRS:
         return sigma, info
 
 
-# --- command line -------------------------------------------------------------------------------
-def add_arguments(parser):
-    g = parser.add_argument_group("QCRS (--method qcrs)")
-    d = QCRSConfig()
-    g.add_argument("--epsilon", type=float, default=d.epsilon, help="search tolerance on sigma (reference default 0.001)")
-    g.add_argument("--left", type=float, default=d.left, help="lower end of the sigma search interval")
-    g.add_argument("--right", type=float, default=d.right, help="upper end of the sigma search interval")
-    g.add_argument("--epsilon_step", type=float, default=d.epsilon_step,
-                   help="finite-difference step h = epsilon / epsilon_step (bisection search)")
-    g.add_argument("--gradient_n", type=int, default=d.gradient_n,
-                   help="draws per evaluation of the reference (selection, each slope side, check)")
-    g.add_argument("--qcrs-budget", default="reference", metavar="reference|DRAWS|PCT%",
-                   help="total search draws per image (selection + search + check): 'reference' (default: "
-                        "the reference's n (3 + 2 S_ref) with n = --gradient_n), a number of draws, or a "
-                        "percentage of --N such as 3%%; split in the reference's proportions (module doc)")
-    g.add_argument("--qcrs-search", choices=("grid", "bisection"), default=d.search,
-                   help="grid: vectorised C-candidate search (default); bisection: the reference's")
-    g.add_argument("--qcrs-candidates", type=int, default=d.candidates, help="candidates per grid round (C)")
-    g.add_argument("--qcrs-alpha", type=float, default=d.alpha, help="Clopper-Pearson alpha inside the search")
-    g.add_argument("--qcrs-no-check", action="store_true", help="skip the safety check against sigma0")
-    g.add_argument("--qcrs-memory", action="store_true",
-                   help="memory-based consistency check (DDRS section 4.3) over the certified balls")
-
-
-def config_from_args(args) -> QCRSConfig:
-    d = QCRSConfig()
-    return QCRSConfig(
-        epsilon=getattr(args, "epsilon", d.epsilon),
-        left=getattr(args, "left", d.left),
-        right=getattr(args, "right", d.right),
-        epsilon_step=getattr(args, "epsilon_step", d.epsilon_step),
-        gradient_n=getattr(args, "gradient_n", d.gradient_n),
-        alpha=getattr(args, "qcrs_alpha", d.alpha),
-        candidates=getattr(args, "qcrs_candidates", d.candidates),
-        search=getattr(args, "qcrs_search", d.search),
-        check=not getattr(args, "qcrs_no_check", False),
-        budget=parse_budget(getattr(args, "qcrs_budget", None), getattr(args, "N", None)),
-    ).validate()
-
-
-def build(args, f, meta):
-    """chooser(x, idx, sigma0) -> (sigma, {'best_sigma': sigma}) for the certify command."""
-    cfg = config_from_args(args)
-    shape = tuple((meta or {}).get("input_shape") or ())
-    K = num_classes_of(f, meta, shape) if shape else int(meta["num_classes"])
-    qcrs = QCRS(f, K, cfg, batch_size_of(args))
-    seed = int(getattr(args, "seed", 0))
+# --- the method ----------------------------------------------------------------------------------
+def build(cfg: QCRSConfig, classifier, *, seed, batch_size=DEFAULT_BATCH_SIZE, n=None):
+    """chooser(x, idx, sigma0) -> (sigma, {'best_sigma': sigma}); ``n``: the certificate's N
+    (resolves a percentage --qcrs-budget). ``chooser.finish`` adds ``pABar`` after CERTIFY."""
+    unpack(classifier)
+    qcrs = QCRS(classifier, cfg.plan(n), batch_size)
 
     def chooser(x, idx, sigma0):
         sigma, _ = qcrs.choose(x, sigma0, method_keys(seed, idx, "search"), method_keys(seed, idx, "check"))
         return sigma, {"best_sigma": sigma}
 
-    chooser.qcrs = qcrs
+    def finish(extras, *, predict, radius, pA_lower):
+        return {**extras, "pABar": np.asarray(pA_lower)}
+
+    chooser.qcrs, chooser.finish = qcrs, finish
     return chooser
 
 
 METHOD = register(Method(
     name="qcrs",
     guarantee="per-input",
-    add_arguments=add_arguments,
+    config=QCRSConfig,
     build=build,
     memory=memory_factory("qcrs_memory"),
     extra_columns=("best_sigma", "pABar"),
-    doc="QCRS: sigma maximising the estimated radius on [--left, --right] (vectorised quasiconcave search).",
 ))

@@ -1,6 +1,7 @@
 """Flax models of the smoothing base classifiers (NHWC, ``__call__(x, train=False)``).
 
-``ARCHS`` maps an architecture name to ``(constructor, input_shape [H, W, C], default dataset)``;
+``ARCHS`` maps an architecture name to an :class:`Arch` (``build``, ``input_shape`` [H, W, C],
+``dataset``: the default dataset);
 ``build_model(arch, num_classes)`` returns the Flax module. Models take *already normalised*
 input; the dataset normalisation of a converted model is applied by
 :func:`rsjax.classifier.load_classifier`.
@@ -12,6 +13,7 @@ HWIO, Dense kernels ``[in, out]``; BN ``scale``/``bias`` live in ``params``, ``m
 ``batch_stats``. :func:`conv_bn_pairs` lists every (conv, following BN) pair.
 """
 
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
@@ -19,15 +21,24 @@ from rsjax.errors import RsjaxError
 from rsjax.models import lenet as _lenet
 from rsjax.models import resnet as _resnet
 
-# name -> (module constructor, input shape [H, W, C], default dataset)
+
+
+class Arch(NamedTuple):
+    """An architecture: ``build(num_classes=, dtype=)`` gives the Flax module."""
+
+    build: Callable
+    input_shape: tuple  # [H, W, C]
+    dataset: str  # the dataset it is usually trained on (the converter's default)
+
+
 ARCHS = {
-    "cifar_resnet20": (_resnet.cifar_resnet20, (32, 32, 3), "cifar10"),
-    "cifar_resnet32": (_resnet.cifar_resnet32, (32, 32, 3), "cifar10"),
-    "cifar_resnet44": (_resnet.cifar_resnet44, (32, 32, 3), "cifar10"),
-    "cifar_resnet56": (_resnet.cifar_resnet56, (32, 32, 3), "cifar10"),
-    "cifar_resnet110": (_resnet.cifar_resnet110, (32, 32, 3), "cifar10"),
-    "resnet50": (_resnet.resnet50, (224, 224, 3), "imagenet"),
-    "lenet": (_lenet.lenet, (28, 28, 1), "mnist"),
+    "cifar_resnet20": Arch(_resnet.cifar_resnet20, (32, 32, 3), "cifar10"),
+    "cifar_resnet32": Arch(_resnet.cifar_resnet32, (32, 32, 3), "cifar10"),
+    "cifar_resnet44": Arch(_resnet.cifar_resnet44, (32, 32, 3), "cifar10"),
+    "cifar_resnet56": Arch(_resnet.cifar_resnet56, (32, 32, 3), "cifar10"),
+    "cifar_resnet110": Arch(_resnet.cifar_resnet110, (32, 32, 3), "cifar10"),
+    "resnet50": Arch(_resnet.resnet50, (224, 224, 3), "imagenet"),
+    "lenet": Arch(_lenet.lenet, (28, 28, 1), "mnist"),
 }
 
 
@@ -35,12 +46,12 @@ def build_model(arch: str, num_classes: int, dtype=jnp.float32):
     """The Flax module for ``arch`` with ``num_classes`` outputs, computing in ``dtype``."""
     if arch not in ARCHS:
         raise RsjaxError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return ARCHS[arch][0](num_classes=num_classes, dtype=dtype)
+    return ARCHS[arch].build(num_classes=num_classes, dtype=dtype)
 
 
 def input_shape(arch: str):
     """The [H, W, C] input shape of ``arch``."""
-    return tuple(ARCHS[arch][1])
+    return tuple(ARCHS[arch].input_shape)
 
 
 def conv_bn_pairs(params):

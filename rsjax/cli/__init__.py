@@ -92,10 +92,29 @@ def interrupted() -> bool:
     return _INTERRUPTED
 
 
+def check_interrupt():
+    """Raise KeyboardInterrupt if SIGINT arrived (the run's checkpoints call this, so an
+    interrupt that something swallowed still stops the run)."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def _on_sigint(signum, frame):
     global _INTERRUPTED
     _INTERRUPTED = True
     raise KeyboardInterrupt
+
+
+def _quiet_unraisable(previous):
+    """A ``sys.unraisablehook`` that drops KeyboardInterrupt: raised inside a callback that cannot
+    propagate it (JAX's garbage-collection callback), it would print a traceback and be lost; the
+    flag it set stops the run at the next :func:`check_interrupt`."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def _os_error_line(e: OSError) -> str:
@@ -116,12 +135,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in SUBCOMMANDS), "")
     previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
     try:
         try:
             parser = build_parser(argv)
             args = parser.parse_args(argv)
+            check_interrupt()
             if args.command in DEVICE_COMMANDS:
                 apply_xla_settings(args.command)
+                check_interrupt()
             status = args.func(args) or 0
         except RsjaxError as e:
             if _INTERRUPTED:
@@ -142,6 +164,7 @@ def main(argv=None):
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from rsjax import config
+from rsjax.cli import check_interrupt
 from rsjax.errors import CheckpointError, RsjaxError, check_alpha, check_count
 
 SUMMARY_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -45,6 +46,7 @@ SEED_LIMIT = 2**32  # jax.random.key wraps seeds modulo 2**32
 # certifies, the compute dtype, the draws that gave no vote (non-finite logits)
 CERTIFY_EXTRAS = ("sigma", "pA_lower", "guarantee", "dtype", "nonfinite")
 PREDICT_EXTRAS = ("nonfinite",)
+LEGACY_MISSING = ("nonfinite",)  # columns rsjax's earlier files lack (empty in their migrated rows)
 BAR_MININTERVAL = 0.5  # seconds between progress bar redraws
 
 
@@ -220,7 +222,9 @@ class Run:
 
             process = initialize(args.coordinator, args.num_processes, args.process_id)
         self.ds = load_dataset(args.dataset, args.split, args.data_dir)
+        check_interrupt()
         self.clf = load_model(args.checkpoint, args.dtype, trust=args.trust_checkpoint)
+        check_interrupt()
         meta = self.clf.meta
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
         if tuple(self.ds.input_shape) != self.input_shape:
@@ -245,7 +249,7 @@ class Run:
 
         self.writer = ResultWriter(self.outfile, self.columns, self.settings, info=info,
                                    legacy_settings=self._legacy_settings(settings), overwrite=args.overwrite,
-                                   legacy_same={"checkpoint": _same_path})
+                                   legacy_same={"checkpoint": _same_path}, legacy_missing=LEGACY_MISSING)
         self.todo = indices
         if self.writer.resumed:
             if self.writer.last_idx is not None:
@@ -276,12 +280,6 @@ def _same_path(a, b):
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _interrupted():
-    from rsjax.cli import interrupted
-
-    return interrupted()
-
-
 class Progress:
     """A tqdm bar over images that moves per device step: ``samples(k)`` advances it by k noisy
     forward samples (``draws_per_image`` of them make one image); ``group_done`` sets the exact
@@ -297,8 +295,7 @@ class Progress:
         self.done = 0
 
     def samples(self, k):
-        if _interrupted():
-            raise KeyboardInterrupt
+        check_interrupt()
         # never past the group's end: a method's own draws are not counted, so this is a lower bound
         self.bar.update(max(0.0, min(k / self.draws, self.bar.total - self.bar.n)))
 
@@ -320,6 +317,7 @@ def group_loop(run, group, step, progress):
 
     todo = run.todo
     for start in range(0, len(todo), group):
+        check_interrupt()
         idx = todo[start:start + group]
         t0 = time.perf_counter()
         x, labels = run.ds.batch(idx)
@@ -370,6 +368,7 @@ def run_certify(args):
     progress = None
     try:
         batch = resolve_batch(args, run.clf)
+        check_interrupt()
         runner = certifier.build(certifier_cfg, run.clf, seed=args.seed, batch_size=batch)
         chooser = None if method.build is None else method.build(method_cfg, run.clf, seed=args.seed,
                                                                  batch_size=batch, n=args.N)

@@ -308,7 +308,8 @@ class ResultWriter:
       info: JSON-able dict recorded in the sidecar, not compared.
       legacy_settings: the ``# key=value`` settings an earlier rsjax would have written for this
         run (compared with such a file's lines before it is migrated); ``legacy_same`` maps a key
-        to a function ``(file value, this run's value) -> bool`` for keys compared otherwise.
+        to a function ``(file value, this run's value) -> bool`` for keys compared otherwise;
+        ``legacy_missing``: columns such files lack, left empty in their migrated rows.
       overwrite: start over (the old file and sidecar are replaced).
       lock: hold :class:`OutputLock` on ``path`` until :meth:`close`.
 
@@ -319,7 +320,7 @@ class ResultWriter:
 
     def __init__(self, path, columns, settings: dict | None = None, *, info: dict | None = None,
                  legacy_settings: dict | None = None, legacy_same: dict | None = None,
-                 overwrite: bool = False, lock: bool = True):
+                 legacy_missing: tuple = (), overwrite: bool = False, lock: bool = True):
         self.path = Path(path)
         self.columns = tuple(columns)
         if "idx" not in self.columns:
@@ -328,6 +329,7 @@ class ResultWriter:
         self.info = dict(info or {})
         self.legacy_settings = legacy_settings
         self.legacy_same = legacy_same or {}
+        self.legacy_missing = tuple(legacy_missing)
         self.rows: list[list[str]] = []
         self.resumed = self.migrated = False
         self._fd = None
@@ -386,8 +388,13 @@ class ResultWriter:
         while lines and lines[0].startswith("#"):
             comments.append(lines.pop(0))
         header = "\t".join(self.columns)
+        fill = []  # positions of the columns an earlier-layout file lacks
         if comments:
             self._check_legacy(comments)
+            old = [c for c in self.columns if c not in self.legacy_missing]
+            if lines and lines[0] == "\t".join(old) and len(old) < len(self.columns):
+                lines[0] = header
+                fill = [j for j, c in enumerate(self.columns) if c in self.legacy_missing]
         else:
             self._check_sidecar()
         if not lines:
@@ -404,6 +411,8 @@ class ResultWriter:
         prev = None
         for k, line in enumerate(lines[1:], start=first):
             cells = line.split("\t")
+            for pos in fill:
+                cells.insert(pos, "")
             if len(cells) != len(self.columns):
                 raise RsjaxError(f"{self.path}: line {k} has {len(cells)} cells, the header {len(self.columns)}; "
                                  "use --overwrite or another OUTFILE")

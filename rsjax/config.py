@@ -143,5 +143,6 @@ def from_dict(cls, data: dict):
     values = {}
     for k, v in data.items():
         typ, _ = _base_type(hints[k])
-        values[k] = tuple(v) if isinstance(v, list) and typing.get_origin(typ) is tuple else v
+        is_tuple = typ is tuple or typing.get_origin(typ) is tuple
+        values[k] = tuple(v) if isinstance(v, list) and is_tuple else v
     return cls(**values)

@@ -1,5 +1,7 @@
-"""``rsjax certify`` / ``rsjax predict`` end to end: output format, resume after SIGKILL, bad input."""
+"""``rsjax certify`` / ``rsjax predict`` end to end: output format, resume after SIGKILL, bad input,
+the progress bar, the certifier registry."""
 
+import json
 import os
 import signal
 import subprocess
@@ -26,10 +28,9 @@ def lenet(shared_data, tmp_path_factory):
 
 def rows_without_time(path):
     lines = open(path).read().splitlines()
-    header_at = next(i for i, l in enumerate(lines) if not l.startswith("#"))
-    header = lines[header_at].split("\t")
+    header = lines[0].split("\t")
     t = header.index("time")
-    return lines[:header_at + 1], [tuple(c for j, c in enumerate(l.split("\t")) if j != t) for l in lines[header_at + 1:]]
+    return lines[:1], [tuple(c for j, c in enumerate(l.split("\t")) if j != t) for l in lines[1:]]
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(lenet, tmp_path):
@@ -46,7 +47,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(lenet, tmp_path):
     proc = subprocess.Popen(cmd(part), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if part.exists() and part.read_text().count("\n") >= 14 + 2:  # settings + header + >= 2 rows
+        if part.exists() and part.read_text().count("\n") >= 1 + 2:  # header + >= 2 rows
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -59,6 +60,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(lenet, tmp_path):
     assert "resuming" in res.stderr and "certified accuracy r=0.5" in res.stdout
     head_part, rows_part = rows_without_time(part)
     assert head_part == head_full and rows_part == rows_full
+    assert json.loads((tmp_path / "part.tsv.json").read_text())["settings"] == \
+        json.loads((tmp_path / "full.tsv.json").read_text())["settings"]
     assert [r[0] for r in rows_full] == [str(i) for i in range(0, 10000, 250)]
 
 
@@ -67,30 +70,32 @@ def test_output_columns_mismatch_and_overwrite(lenet, tmp_path, capsys):
     base = ["certify", "mnist", lenet, "0.25", str(out), "--N0", "10", "--N", "50", "--max", "2", "--no-progress"]
     assert main(base) == 0
     lines = out.read_text().splitlines()
-    assert "# sigma=0.25" in lines and "# method=cohen" in lines
-    header = [l for l in lines if not l.startswith("#")][0].split("\t")
+    side = json.loads((tmp_path / "o.tsv.json").read_text())
+    assert side["settings"]["sigma"] == 0.25 and side["settings"]["method"] == {"name": "cohen"}
+    header = lines[0].split("\t")
     assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert header[6:] == ["sigma", "pA_lower", "guarantee", "dtype"]
+    assert header[6:] == ["sigma", "pA_lower", "guarantee", "dtype", "nonfinite"] == side["columns"][6:]
     row = lines[-1].split("\t")
-    assert row[0] == "1" and row[8] == "fixed" and float(row[6]) == 0.25 and float(row[5]) > 0
+    assert row[0] == "1" and row[8] == "fixed" and float(row[6]) == 0.25 and float(row[5]) > 0 and row[10] == "0"
     assert repr(float(row[3])) == row[3]  # full precision
     capsys.readouterr()
     assert main(base[:3] + ["0.5"] + base[4:]) == 2  # another sigma into the same file
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different settings" in err and "--overwrite" in err
+    assert err.count("\n") == 1 and "different settings (sigma: the file has 0.25, this run 0.5)" in err
+    assert "--overwrite" in err
     assert main(base[:3] + ["0.5"] + base[4:] + ["--overwrite"]) == 0
-    assert "# sigma=0.5" in out.read_text().splitlines()
+    assert json.loads((tmp_path / "o.tsv.json").read_text())["settings"]["sigma"] == 0.5
     # a longer --max continues the same file
     assert main(base[:-2] + ["3", "--no-progress"]) == 2  # settings now say sigma 0.5
     assert main(base[:3] + ["0.5"] + base[4:-2] + ["3", "--no-progress"]) == 0
-    assert [l.split("\t")[0] for l in out.read_text().splitlines() if l[:1].isdigit()] == ["0", "1", "2"]
+    assert [l.split("\t")[0] for l in out.read_text().splitlines()[1:]] == ["0", "1", "2"]
 
 
 def test_predict_output(lenet, tmp_path):
     out = tmp_path / "p.tsv"
     assert main(["predict", "mnist", lenet, "0.25", str(out), "--N", "100", "--max", "3", "--no-progress"]) == 0
-    lines = [l for l in out.read_text().splitlines() if not l.startswith("#")]
-    assert lines[0].split("\t") == ["idx", "label", "predict", "correct", "time"]
+    lines = out.read_text().splitlines()
+    assert lines[0].split("\t") == ["idx", "label", "predict", "correct", "time", "nonfinite"]
     assert [l.split("\t")[:3] for l in lines[1:]] == [["0", "7", "7"], ["1", "2", "2"], ["2", "1", "1"]]
 
 
@@ -106,16 +111,61 @@ def test_writer_drops_partial_last_line(tmp_path):
     assert w.resumed and w.last_idx == 4 and len(w.rows) == 2
     w.write([8, 2, 1.0])
     w.close()
-    assert p.read_text() == "# a=1\nidx\tlabel\ttime\n0\t3\t0.5\n4\t1\t0.25\n8\t2\t1.0\n"
-    with pytest.raises(RsjaxError, match="line 1 is '# a=1'.*'# a=2'.*--overwrite"):
+    assert p.read_text() == "idx\tlabel\ttime\n0\t3\t0.5\n4\t1\t0.25\n8\t2\t1.0\n"
+    assert json.loads((tmp_path / "w.tsv.json").read_text())["settings"] == {"a": 1}
+    assert not (tmp_path / "w.tsv.lock").exists()  # released on close
+    with pytest.raises(RsjaxError, match="different settings \\(a: the file has 1, this run 2\\).*--overwrite"):
         ResultWriter(p, ["idx", "label", "time"], {"a": 2})
-    with pytest.raises(RsjaxError, match="different settings or columns"):
+    with pytest.raises(RsjaxError, match="other columns"):
         ResultWriter(p, ["idx", "label", "radius", "time"], {"a": 1})
+    (tmp_path / "w.tsv.json").unlink()
+    with pytest.raises(RsjaxError, match="without its settings file w.tsv.json"):
+        ResultWriter(p, ["idx", "label", "time"], {"a": 1})
+
+
+def test_writer_holds_a_lock_until_closed(tmp_path):
+    from rsjax.core.io import OutputBusyError
+
+    p = tmp_path / "w.tsv"
+    w = ResultWriter(p, ["idx", "time"], {})
+    with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
+        ResultWriter(p, ["idx", "time"], {})
+    w.close()
+    ResultWriter(p, ["idx", "time"], {}).close()
+
+
+def test_progress_bar_moves_per_device_step(lenet, tmp_path, capsys, monkeypatch):
+    """One group of 4 images, N = 2000 draws at batch 100: the bar must move within the group."""
+    import rsjax.cli.certify as cc
+
+    monkeypatch.setattr(cc, "BAR_MININTERVAL", 0)
+    seen = []
+    real = cc.Progress.samples
+    monkeypatch.setattr(cc.Progress, "samples", lambda self, k: (seen.append(self.bar.n), real(self, k)))
+    assert main(["certify", "mnist", lenet, "0.25", str(tmp_path / "o.tsv"), "--N0", "100", "--N", "2000",
+                 "--batch", "100", "--max", "4"]) == 0
+    err = capsys.readouterr().err
+    assert len(seen) >= 10 and len(set(seen)) >= 10  # many distinct positions inside the group
+    assert "certified acc=" in err and "ACR=" in err and "<" in err  # accuracy so far and an ETA
+
+
+def test_certifier_is_chosen_and_recorded(lenet, tmp_path, capsys):
+    from rsjax.certifiers import all_certifiers, get_certifier
+
+    assert "cohen" in all_certifiers() and get_certifier("cohen").guarantee == "fixed"
+    out = tmp_path / "o.tsv"
+    assert main(["certify", "mnist", lenet, "0.25", str(out), "--N0", "10", "--N", "50", "--max", "1",
+                 "--certifier", "cohen", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o.tsv.json").read_text())["settings"]["certifier"] == {"name": "cohen"}
+    with pytest.raises(SystemExit):
+        main(["certify", "mnist", lenet, "0.25", str(out), "--certifier", "nope"])
+    with pytest.raises(RsjaxError, match="unknown certifier 'nope'"):
+        get_certifier("nope")
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({3: "0"}, "sigma must be > 0"),
-    ({3: "-0.5"}, "sigma must be > 0"),
+    ({3: "0"}, "sigma must be a finite number > 0"),
+    ({3: "-0.5"}, "sigma must be a finite number > 0"),
     ({"--alpha": "0"}, "alpha must be in (0, 1)"),
     ({"--alpha": "1.5"}, "alpha must be in (0, 1)"),
     ({"--N0": "0"}, "N0 must be an integer >= 1"),

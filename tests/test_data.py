@@ -133,3 +133,46 @@ def test_tfds_prepared_source_is_used(monkeypatch, tmp_path):
     assert seen["args"] == ("cifar10", str(tmp_path)) and "tensorflow-datasets" in ds.source
     assert len(ds) == 3 and ds[2][1] == 6
     np.testing.assert_allclose(ds[1][0], imgs[1] / 255, rtol=0, atol=1e-7)
+
+
+def test_lookup_order_tfds_then_data_dir_then_environment(monkeypatch, tmp_path, shared_data):
+    """tensorflow-datasets first, then the standard files of --data-dir, then RSJAX_DATA_DIR; no
+    built-in default directory."""
+    import tensorflow_datasets as tfds
+
+    class NotPrepared:
+        data_dir = str(tmp_path / "tfds")
+
+        def is_prepared(self):
+            return False
+
+    asked = []
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: asked.append(data_dir) or NotPrepared())
+    monkeypatch.delenv("RSJAX_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="RSJAX_DATA_DIR") as e:
+        load_dataset("mnist")  # nothing configured: no default location, the error says how to give one
+    assert "shared" not in str(e.value) and asked == [None]
+    monkeypatch.setenv("RSJAX_DATA_DIR", str(shared_data))
+    ds = load_dataset("mnist")
+    assert len(ds) == 10000 and ds.source == str(shared_data / "mnist")
+    assert asked[1:] == [None, str(shared_data)]  # tfds default dir, then tfds in the variable's dir
+    # an explicit --data-dir is not bypassed by the variable
+    with pytest.raises(DataError, match="in --data-dir"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_dataset_info_is_the_one_table(monkeypatch, shared_data, tmp_path):
+    """Named facts per dataset; the converter takes mean/std/classes from this table."""
+    import dataclasses
+
+    from converters.pytorch import convert_checkpoint
+    from rsjax.data import DATASET_INFO
+
+    info = DATASET_INFO["cifar10"]
+    assert (info.name, info.num_classes, info.input_shape) == ("cifar10", 10, (32, 32, 3))
+    assert DATASET_INFO["imagenet"].tfds_split("test") == "validation"
+    assert load_dataset("cifar10", data_dir=shared_data / "cifar10").input_shape == info.input_shape
+    monkeypatch.setitem(DATASET_INFO, "cifar10", dataclasses.replace(info, mean=(0.5, 0.5, 0.5)))
+    meta = convert_checkpoint(shared_data / "models" / "cifar10_resnet20_noise0.25" / "checkpoint.pth.tar",
+                              tmp_path / "m", log=lambda s: None)
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [float(v) for v in info.std]

@@ -1,4 +1,9 @@
-"""`rsjax merge`: per-host parts -> one Cohen TSV sorted by idx."""
+"""`rsjax merge`: per-host parts -> one Cohen TSV sorted by idx, settings in its sidecar.
+
+The parts here are in rsjax's earlier layout (``# key=value`` lines before the header) or
+plain Cohen files; parts with sidecars are merged in tests/test_hardening_cli.py."""
+
+import json
 
 import pytest
 
@@ -29,9 +34,12 @@ def test_merges_sorted_and_drops_identical_duplicates(tmp_path, capsys):
     code, out = merge(tmp_path, b, a)
     assert code == 0
     lines = out.read_text().splitlines()
-    assert lines[: len(SETTINGS) + 1] == SETTINGS + [HEADER]
-    assert [int(r.split("\t")[0]) for r in lines[len(SETTINGS) + 1:]] == [0, 20, 40, 60, 80]
+    assert lines[0] == HEADER
+    assert [int(r.split("\t")[0]) for r in lines[1:]] == [0, 20, 40, 60, 80]
     assert lines[-1] == row(80)
+    side = json.loads((tmp_path / "merged.tsv.json").read_text())
+    assert side["settings"] == {"rsjax": "certify", "sigma": "0.25", "N": "100000", "dtype": "float32"}
+    assert side["columns"] == HEADER.split("\t")
 
 
 def test_plain_cohen_files_without_settings(tmp_path):
@@ -47,7 +55,7 @@ def test_part_setting_may_differ_and_is_dropped(tmp_path):
     b = write(tmp_path / "x.part1of2", [row(1)], settings=SETTINGS + ["# part=1of2"])
     code, out = merge(tmp_path, a, b)
     assert code == 0
-    assert "# part" not in out.read_text()
+    assert "part" not in json.loads((tmp_path / "merged.tsv.json").read_text())["settings"]
 
 
 @pytest.mark.parametrize(
@@ -76,7 +84,7 @@ def test_missing_part_of_a_set(tmp_path, capsys):
     code, _ = merge(tmp_path, a, b)
     assert code == 2 and "part1of3" in capsys.readouterr().err
     code, out = merge(tmp_path, a, b, extra=["--allow-missing"])
-    assert code == 0 and len(out.read_text().splitlines()) == len(SETTINGS) + 3
+    assert code == 0 and len(out.read_text().splitlines()) == 1 + 2
 
 
 def test_output_is_protected(tmp_path, capsys):

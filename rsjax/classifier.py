@@ -141,6 +141,12 @@ class Classifier:
     def __iter__(self):
         return iter((self.f, self.meta))
 
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return (self.f, self.meta)[i]
+
     def __call__(self, x):
         return self.f(x)
 

@@ -10,9 +10,9 @@ from scipy import stats
 from rsjax.errors import RsjaxError
 from rsjax.methods import get_method
 from rsjax.methods._common import method_keys
-from rsjax.methods.ddrs import DDRSConfig, make_optimizer, surrogate_radius
+from rsjax.methods.ddrs import Ascent, DDRSConfig, make_optimizer, surrogate_radius
 from rsjax.methods.memory import Memory
-from tests._helpers_methods import META, images, parse_method_args
+from tests._helpers_methods import META, build, images, method_config
 
 
 def soft_classifier(x):
@@ -29,7 +29,7 @@ def confident(x):
 def test_jax_grad_matches_finite_differences_of_the_surrogate():
     x = jnp.asarray(images([0.45, 0.55, 0.7]))
     keys = method_keys(0, np.arange(3), "optimize")
-    opt = make_optimizer(soft_classifier, DDRSConfig(n=4, clamp=(0.001, 0.999)))
+    opt = make_optimizer(soft_classifier, Ascent(n=4, clamp=(0.001, 0.999)))
     eps = opt.noise(keys, jnp.uint32(0), x.shape[1:])
     sigma = jnp.asarray([0.3, 0.4, 0.5])
     R = jax.jit(lambda s: surrogate_radius(soft_classifier, x, s, eps, (0.001, 0.999)))
@@ -45,7 +45,7 @@ def test_jax_grad_matches_finite_differences_of_the_surrogate():
 def test_saturated_surrogate_has_the_closed_form_path():
     """psi = (1, 0, 0) is clipped to (0.98, 0.02): dR/dsigma = Phi^-1(0.98), so after K steps
     sigma_K = sigma_0 + K * lr * Phi^-1(0.98) exactly."""
-    cfg = DDRSConfig(lr=1e-3, steps=50)
+    cfg = Ascent(lr=1e-3, steps=50)
     opt = make_optimizer(confident, cfg)
     s = opt(images([0.2, 0.9]), jnp.asarray([0.25, 0.5]), method_keys(0, np.arange(2), "optimize"))
     expect = np.array([0.25, 0.5]) + 50 * 1e-3 * stats.norm.ppf(0.98)
@@ -53,7 +53,7 @@ def test_saturated_surrogate_has_the_closed_form_path():
 
 
 def test_jitted_loop_equals_a_python_loop_and_is_batch_invariant():
-    cfg = DDRSConfig(lr=5e-2, steps=7, n=3)
+    cfg = Ascent(lr=5e-2, steps=7, n=3)
     opt = make_optimizer(soft_classifier, cfg)
     x = jnp.asarray(images([0.42, 0.5, 0.63]))
     idx = np.array([3, 8, 11])
@@ -73,18 +73,18 @@ def test_jitted_loop_equals_a_python_loop_and_is_batch_invariant():
 def test_cli_defaults_start_at_the_training_sigma():
     method = get_method("ddrs")
     assert method.guarantee == "per-input"
-    args = parse_method_args(method, [])
-    cfg_sigma = {**META, "sigma": 0.12}
-    chooser = method.build(args, confident, cfg_sigma)
+    chooser = build(method, [], confident, {**META, "sigma": 0.12})
     sigma, extras = chooser(images([0.3, 0.6]), np.array([0, 1]), np.array([0.5, 0.5]))
     np.testing.assert_allclose(extras["sigma0"], 0.12)  # meta sigma wins over SIGMA
     np.testing.assert_allclose(sigma, 0.12 + 100 * 1e-4 * stats.norm.ppf(0.98), rtol=1e-5)
-    chooser = method.build(parse_method_args(method, ["--ddrs-steps", "0"]), confident, META)
+    chooser = build(method, ["--ddrs-steps", "0"], confident)
     sigma, extras = chooser(images([0.3]), np.array([0]), np.array([0.5]))
     np.testing.assert_allclose(sigma, 0.5)  # no training sigma: SIGMA
     with pytest.raises(RsjaxError, match="--ddrs-clamp"):
-        method.build(parse_method_args(method, ["--ddrs-clamp", "0.9,0.1"]), confident, META)
-    assert method.memory(args, "/tmp/x") is None
+        method_config(method, ["--ddrs-clamp", "0.9,0.1"])
+    with pytest.raises(RsjaxError, match="--ddrs-lr"):
+        DDRSConfig(ddrs_lr=-1.0)  # a config made in Python is validated too
+    assert method.memory(method_config(method), "/tmp/x") is None
 
 
 # --- memory (spec 4.3) --------------------------------------------------------------------------
@@ -166,5 +166,5 @@ def test_memory_resumes_from_its_file(tmp_path):
 
 def test_memory_flag_gives_the_memory_guarantee(tmp_path):
     method = get_method("ddrs")
-    mem = method.memory(parse_method_args(method, ["--ddrs-memory"]), tmp_path / "o.tsv")
+    mem = method.memory(method_config(method, ["--ddrs-memory"]), tmp_path / "o.tsv")
     assert isinstance(mem, Memory)

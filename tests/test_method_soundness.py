@@ -15,12 +15,12 @@ test has teeth - while the proper pipeline (fresh 'estimate' draws) stays within
 import numpy as np
 import pytest
 
-import rsjax.methods._common as common
+import rsjax.core.sampler as sampler
 from rsjax.core import stats
 from rsjax.core.certify import Smoother
 from rsjax.methods import get_method
 from rsjax.methods._common import method_keys, round_keys
-from tests._helpers_methods import TRUE_RADIUS, V0, halfspace, images, parse_method_args
+from tests._helpers_methods import TRUE_RADIUS, V0, build, halfspace, images
 
 ALPHA = 0.05  # a large alpha keeps the test small: violations are frequent enough to count
 TRIALS = 600
@@ -47,7 +47,7 @@ def violations(pred, radius):
 
 def choose(name):
     method = get_method(name)
-    chooser = method.build(parse_method_args(method, OPTIONS[name], seed=SEED, batch=1 << 16), halfspace, META)
+    chooser = build(method, OPTIONS[name], halfspace, META, seed=SEED, batch=1 << 16)
     x = images([V0] * TRIALS)
     idx = np.arange(TRIALS)
     sigma, _ = chooser(x, idx, np.full(TRIALS, 0.3))
@@ -60,13 +60,13 @@ def outcomes():
     sm = Smoother(halfspace, 2, 1 << 16)
     for name in ("qcrs", "instars", "ddrs"):
         chooser, x, idx, sigma = choose(name)
-        pred, radius, _ = sm.certify(x, sigma, n0=N0, n=N_EST, alpha=ALPHA, key=SEED, idx=idx)
+        pred, radius, _, _ = sm.certify(x, sigma, n0=N0, n=N_EST, alpha=ALPHA, key=SEED, idx=idx)
         res = {"sigma": sigma, "proper": violations(pred, radius).mean()}
         if name in DECIDING_SUBSTREAM:
             counter = (chooser.qcrs if name == "qcrs" else chooser.insta).counter
             keys = round_keys(method_keys(SEED, idx, "search"), DECIDING_SUBSTREAM[name])
-            reused = counter(x, sigma[:, None], keys, N_EST)[:, 0]
-            counts0 = sm.counts(x, sigma, method_keys(SEED, idx, "select"), N0)
+            reused = counter.candidates(x, sigma[:, None], keys, N_EST)[:, 0, :2]
+            counts0 = sm.counts(x, sigma, sampler.image_keys(SEED, idx, "select"), N0)[:, :2]
             p, r, _ = stats.certify_from_counts(counts0, reused, sigma, ALPHA)
             res["reused"] = violations(p, r).mean()
         out[name] = res
@@ -91,16 +91,19 @@ def test_negative_control_reusing_the_search_draws_over_certifies(outcomes, name
 
 @pytest.mark.parametrize("name", ["qcrs", "instars", "ddrs"])
 def test_choosers_draw_only_from_their_own_streams(monkeypatch, name):
+    """Every per-image key derivation in the package goes through the sampler's ``purpose_id``
+    (``image_keys`` calls it whoever imports it, however), so recording it sees every stream a
+    chooser opens."""
     used = []
-    real = common.image_keys
+    real = sampler.purpose_id
 
-    def recording(seed, idx, purpose="estimate"):
+    def recording(purpose):
         used.append(purpose)
-        return real(seed, idx, purpose)
+        return real(purpose)
 
-    monkeypatch.setattr(common, "image_keys", recording)
+    monkeypatch.setattr(sampler, "purpose_id", recording)
     method = get_method(name)
-    chooser = method.build(parse_method_args(method, OPTIONS[name], batch=4096), halfspace, META)
+    chooser = build(method, OPTIONS[name], halfspace, META, batch=4096)
     chooser(images([V0, 0.6]), np.array([0, 1]), np.full(2, 0.3))
     assert used and set(used) <= {"search", "check", "optimize"}
     assert not set(used) & {"select", "estimate"}

@@ -194,17 +194,21 @@ def test_folded_bias_adds_are_packed(monkeypatch):
     assert calls == [(2, 32, 32, 16)] * (1 + 3 * 2)
 
 
-def test_auto_packing_needs_folding(tmp_path, shared_data, monkeypatch):
-    """load_classifier packs by default only a folded model (unfolded BNs add their bias unpacked,
-    which is the slow layout), and only where rsjax.xla says packing pays."""
+def test_packing_is_the_callers_choice_and_needs_folding(tmp_path, shared_data, monkeypatch):
+    """The layout decision lives in rsjax.xla (pack where the XLA flags hand convolutions to
+    YNNPACK, and only a folded model: unfolded BNs add their bias unpacked, the slow layout);
+    load_classifier packs only when asked, whatever XLA_FLAGS says."""
     from converters.pytorch import convert_checkpoint
     from rsjax.classifier import load_classifier
+    from rsjax.xla import pack_narrow_convs
 
     out = tmp_path / "model"
     convert_checkpoint(shared_data / "models" / "cifar10_resnet20_noise0.25" / "checkpoint.pth.tar", out,
                        log=lambda *a: None)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise")
-    assert load_classifier(out)[1]["pack_narrow"] is True
-    assert load_classifier(out, fold_bn=False)[1]["pack_narrow"] is False
-    monkeypatch.setenv("XLA_FLAGS", "")
-    assert load_classifier(out)[1]["pack_narrow"] is False
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise"
+    monkeypatch.setenv("XLA_FLAGS", ynn)
+    assert pack_narrow_convs() is True and pack_narrow_convs(folded=False) is False
+    assert pack_narrow_convs(xla_flags="") is False
+    assert load_classifier(out)[1]["pack_narrow"] is False  # not read from the environment
+    assert load_classifier(out, pack_narrow=True).meta["pack_narrow"] is True
+    assert load_classifier(out, fold_bn=False, pack_narrow=True).meta["pack_narrow"] is False

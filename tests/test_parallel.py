@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rsjax.cli import main
-from rsjax.parallel import draw_ranges, host_share, part_path
+from rsjax.distributed import host_share, part_path
 
 FOUR_DEVICES = textwrap.dedent(
     """
@@ -27,12 +27,30 @@ FOUR_DEVICES = textwrap.dedent(
     x = jnp.zeros((3, 2, 2, 1)).at[:, 0, 0, 0].set(jnp.array([0.45, 0.5, 0.62]))
     sigma, keys = jnp.array([0.1, 0.3, 0.2]), image_keys(5, np.array([7, 8, 9]))
     par = make_counter(threshold, 3, samples_per_step=7)  # default: all 4 local devices
-    assert par.jitted.__wrapped__.__module__ == "rsjax.parallel", par.jitted.__wrapped__.__module__
+    assert par.mesh.devices.size == 4
     one = make_counter(threshold, 3, samples_per_step=7, devices=jax.local_devices()[:1])
     for num, offset in ((1, 0), (3, 0), (50, 0), (101, 0), (30, 17)):
         a = np.asarray(one(x, sigma, keys, num=num, offset=offset))
-        b = np.asarray(par(x, sigma, keys, num=num, offset=offset))
-        assert a.sum() == 3 * num and (a == b).all(), (num, offset, a, b)
+        for d in (2, 3, 4):  # every mesh size: each draw evaluated exactly once, the same counts
+            b = np.asarray(make_counter(threshold, 3, samples_per_step=7, devices=jax.local_devices()[:d])(
+                x, sigma, keys, num=num, offset=offset))
+            assert a.sum() == 3 * num and (a == b).all(), (num, offset, d, a, b)
+    # the core's Counter (groups, padding, candidate copies, non-finite column) on 1 and 4 devices
+    from rsjax.core.sampler import Counter
+
+    def nan_above(x):  # NaN logits where the noisy pixel exceeds 0.7
+        v = x[:, 0, 0, 0]
+        out = jnp.stack([0.5 - v, v - 0.5], axis=-1)
+        return jnp.where((v > 0.7)[:, None], jnp.nan, out)
+
+    x5 = jnp.zeros((5, 2, 2, 1)).at[:, 0, 0, 0].set(jnp.array([0.4, 0.5, 0.6, 0.7, 0.8]))
+    k5 = image_keys(2, np.arange(5), "search")
+    c1 = Counter(nan_above, 2, 64, devices=jax.local_devices()[:1])
+    c4 = Counter(nan_above, 2, 64)
+    a, b = c1.counts(x5, np.full(5, 0.2), k5, 77), c4.counts(x5, np.full(5, 0.2), k5, 77)
+    assert (a == b).all() and (a.sum(axis=1) == 77).all() and a[:, 2].min() > 0, (a, b)
+    sig = np.array([[0.1, 0.3]] * 5)
+    assert (c1.candidates(x5, sig, k5, 40) == c4.candidates(x5, sig, k5, 40)).all()
     # a real network (LeNet, random weights): same histogram as one device
     net = build_model("lenet", 10)
     xs = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
@@ -64,7 +82,7 @@ HOST = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from rsjax.core.certify import certify
     from rsjax.core.io import CERTIFY_COLUMNS, ResultWriter
-    from rsjax.parallel import host_share, initialize, part_path
+    from rsjax.distributed import host_share, initialize, part_path
 
     port, k, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if n > 1:
@@ -90,8 +108,11 @@ HOST = textwrap.dedent(
 )
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
     env.update(extra)
     return env
 
@@ -124,7 +145,7 @@ def test_two_processes_write_parts_that_merge_into_the_single_run(tmp_path):
     merged = tmp_path / "merged.tsv"
     assert main(["merge", part_path(out, 1, 2), part_path(out, 0, 2), "-o", str(merged)]) == 0
     assert merged.read_text() == single.read_text()
-    rows = merged.read_text().splitlines()[3:]
+    rows = [ln for ln in merged.read_text().splitlines() if not ln.startswith("#")][1:]
     assert [int(r.split("\t")[0]) for r in rows] == list(range(11))
     assert len({r.split("\t")[2] for r in rows}) >= 2  # both classes (or abstains) occur: a real check
 
@@ -138,11 +159,7 @@ def test_host_shares_are_disjoint_and_cover():
         host_share(idx, 3, 3)
 
 
-def test_draw_ranges_and_part_names():
-    assert draw_ranges(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert draw_ranges(1, 3) == [(0, 1), (1, 1), (1, 1)]
-    r = draw_ranges(100_000, 8)
-    assert r[0][0] == 0 and r[-1][1] == 100_000 and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+def test_part_names():
     assert part_path("out/c.tsv", 1, 4) == "out/c.tsv.part1of4"
 
 

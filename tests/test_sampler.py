@@ -25,9 +25,9 @@ def test_counts_sum_and_mask_partial_last_step():
     counts = make_counter(threshold_classifier, 3, samples_per_step=7)
     x = images([0.3, 0.5, 0.9])
     c = np.asarray(counts(x, jnp.full(3, 0.25), image_keys(0, np.arange(3)), num=50))
-    assert c.shape == (3, 3)
+    assert c.shape == (3, 4)  # K classes and the non-finite column
     assert (c.sum(axis=1) == 50).all()  # 50 is not a multiple of 7: the tail is masked
-    assert (c[:, 2] == 0).all()
+    assert (c[:, 2] == 0).all() and (c[:, 3] == 0).all()
 
 
 def test_same_draws_whatever_the_layout_or_the_neighbours():

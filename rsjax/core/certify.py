@@ -128,9 +128,10 @@ def check_sigma(sigma, m):
         s = np.full(m, float(s))
     if s.shape != (m,):
         raise RsjaxError(f"sigma must be a scalar or have one value per image ({m}), got shape {s.shape}")
-    if not np.all(s > 0) or not np.all(np.isfinite(s)):
-        bad = s[~((s > 0) & np.isfinite(s))][0]
-        raise RsjaxError(f"sigma must be finite and > 0, got {bad}")
+    if not np.all(s > 0):
+        raise RsjaxError(f"sigma must be > 0, got {s[~(s > 0)][0]}")
+    if not np.all(np.isfinite(s)):
+        raise RsjaxError(f"sigma must be finite, got {s[~np.isfinite(s)][0]}")
     return s
 
 

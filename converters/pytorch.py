@@ -432,7 +432,7 @@ def convert_checkpoint(src, out_dir, *, arch=None, dataset=None, fmt=None, norma
     if dataset is None:
         dataset, how = dataset_from_path(src), "from the path"
         if dataset is None or DATASET_INFO[dataset].num_classes != num_classes:
-            dataset, how = ARCHS[arch][2], f"default for {arch}"
+            dataset, how = ARCHS[arch].dataset, f"default for {arch}"
     d = DATASET_INFO[dataset]
     if d.num_classes != num_classes:
         raise CheckpointError(f"the classifier has {num_classes} outputs but {dataset} has "

@@ -204,6 +204,22 @@ def test_rsjax_file_with_settings_and_extra_columns(tmp_path):
     assert res.label == "/".join((tmp_path / "out").parts[-3:])  # suffix .tsv dropped
 
 
+def test_rsjax_file_header_first_with_sidecar(tmp_path):
+    import json
+
+    text = ("idx\tlabel\tpredict\tradius\tcorrect\ttime\tsigma\tpA_lower\tguarantee\tdtype\tnonfinite\n"
+            "0\t3\t3\t0.5\t1\t2.5\t0.25\t0.977\tfixed\tfloat32\t0\n")
+    path = write(tmp_path / "out.tsv", text)
+    (tmp_path / "out.tsv.json").write_text(json.dumps({"format": "rsjax-results/2", "columns": text.split("\n")[0].split("\t"),
+                                                       "settings": {"sigma": 0.25, "N": 100},
+                                                       "info": {"checkpoint": "m"}}))
+    res = load_results(path)
+    assert res.kind == "rsjax" and res.settings == {"checkpoint": "m", "sigma": 0.25, "N": 100}
+    assert res.extra["nonfinite"].tolist() == [0.0]
+    pred = write(tmp_path / "p.tsv", "idx\tlabel\tpredict\tcorrect\ttime\tnonfinite\n0\t3\t3\t1\t0.5\t0\n")
+    assert load_results(pred).kind == "predict"  # rsjax predict's columns after Cohen's
+
+
 def test_predict_file_accuracy_only(capsys):
     res = load_results(PREDICT_N100)
     assert res.kind == "predict" and res.radius is None and res.n == 500

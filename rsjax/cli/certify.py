@@ -330,6 +330,29 @@ def group_loop(run, group, step, progress):
         yield rows
 
 
+def drive(run, group, step, draws_per_image):
+    """:func:`group_loop` with the progress bar (accuracy so far over the file's rows, ACR when
+    there is a radius) and the non-finite warning."""
+    command = run.args._command
+    certify = "radius" in run.columns
+    correct = [int(c) for c in run.writer.column("correct")]
+    radius = [float(r) for r in run.writer.column("radius")] if certify else []
+    progress = Progress(len(run.todo), draws_per_image, command, run.args.no_progress)
+    try:
+        for rows in group_loop(run, group, step, progress):
+            _warn_nonfinite(command, rows)
+            correct += [r["correct"] for r in rows]
+            c = np.asarray(correct)
+            if certify:
+                radius += [r["radius"] for r in rows]
+                postfix = {"certified acc": f"{np.mean(c):.3f}", "ACR": f"{np.mean(c * np.asarray(radius)):.3f}"}
+            else:
+                postfix = {"acc": f"{np.mean(c):.3f}"}
+            progress.group_done(len(rows), postfix)
+    finally:
+        progress.close()
+
+
 def _base_rows(idx, labels, pred):
     return [{"idx": int(idx[i]), "label": int(labels[i]), "predict": int(pred[i]),
              "correct": int(pred[i] == labels[i])} for i in range(len(idx))]
@@ -365,7 +388,6 @@ def run_certify(args):
                 "method": {"name": method.name, **config.to_dict(method_cfg)},
                 "certifier": {"name": certifier.name, **config.to_dict(certifier_cfg)}}
     run = Run(args, columns, settings)
-    progress = None
     try:
         batch = resolve_batch(args, run.clf)
         check_interrupt()
@@ -403,21 +425,10 @@ def run_certify(args):
                 row.update({c: _column(cert[c], i) for c in certifier.columns})
             return rows
 
-        progress = Progress(len(run.todo), args.N0 + args.N, "certify", args.no_progress)
-        correct = [int(c) for c in run.writer.column("correct")]
-        radius = [float(r) for r in run.writer.column("radius")]
-        for rows in group_loop(run, group, step, progress):
-            _warn_nonfinite("certify", rows)
-            correct += [r["correct"] for r in rows]
-            radius += [r["radius"] for r in rows]
-            c, r = np.asarray(correct), np.asarray(radius)
-            progress.group_done(len(rows), {"certified acc": f"{np.mean(c):.3f}", "ACR": f"{np.mean(c * r):.3f}"})
+        drive(run, group, step, args.N0 + args.N)
     finally:
-        if progress is not None:
-            progress.close()
         run.close()
-    print(f"rsjax certify: {run.outfile}")
-    print(format_summary(run.outfile, certify=True))
+    print_summary(run)
     if memory is not None:
         print(f"memory changed {memory.changed} certificates")
     return 0
@@ -434,7 +445,6 @@ def run_predict(args):
     settings = {"sigma": float(args.sigma), "N": args.N, "alpha": float(args.alpha), "skip": args.skip,
                 "seed": args.seed, "dtype": args.dtype}
     run = Run(args, columns, settings)
-    progress = None
     try:
         batch = resolve_batch(args, run.clf)
         cohen = get_certifier("cohen")
@@ -449,22 +459,20 @@ def run_predict(args):
                 row["nonfinite"] = int(out["nonfinite"][i])
             return rows
 
-        progress = Progress(len(run.todo), args.N, "predict", args.no_progress)
-        correct = [int(c) for c in run.writer.column("correct")]
-        for rows in group_loop(run, group, step, progress):
-            _warn_nonfinite("predict", rows)
-            correct += [r["correct"] for r in rows]
-            progress.group_done(len(rows), {"acc": f"{np.mean(correct):.3f}"})
+        drive(run, group, step, args.N)
     finally:
-        if progress is not None:
-            progress.close()
         run.close()
-    print(f"rsjax predict: {run.outfile}")
-    print(format_summary(run.outfile, certify=False))
+    print_summary(run)
     return 0
 
 
 # ------------------------------------------------------------------------------------ summary
+
+def print_summary(run, radii=SUMMARY_RADII):
+    """The output's name and :func:`format_summary` of it, on stdout."""
+    print(f"rsjax {run.args._command}: {run.outfile}")
+    print(format_summary(run.outfile, certify="radius" in run.columns, radii=radii))
+
 
 def format_summary(path, *, certify, radii=SUMMARY_RADII):
     """Certified accuracy at ``radii``, ACR, abstain rate and seconds per image of the file

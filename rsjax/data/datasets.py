@@ -123,10 +123,7 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> Dataset:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     looked = []
     if data_dir is not None:
-        data_dir = Path(data_dir)
-        if not data_dir.is_dir():
-            raise DataError(f"--data-dir {data_dir} is not a directory")
-        ds = _tfds(name, split, data_dir, looked) or _in_dir(name, split, data_dir, looked)
+        ds = _from_dir(name, split, Path(data_dir), "--data-dir", looked)
         if ds is not None:
             return ds
         raise DataError(f"no {name} {split} data found in --data-dir {data_dir}: looked for {'; '.join(looked)}")
@@ -134,15 +131,18 @@ def load_dataset(name: str, split: str = "test", data_dir=None) -> Dataset:
     if ds is not None:
         return ds
     env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        env_dir = Path(env)
-        if not env_dir.is_dir():
-            raise DataError(f"{DATA_DIR_ENV}={env} is not a directory")
-        ds = _tfds(name, split, env_dir, looked) or _in_dir(name, split, env_dir, looked)
-        if ds is not None:
-            return ds
+    ds = _from_dir(name, split, Path(env), f"{DATA_DIR_ENV}=", looked) if env else None
+    if ds is not None:
+        return ds
     raise DataError(f"no {name} {split} data found: looked for {'; '.join(looked) or 'tensorflow-datasets'}; "
                     f"pass --data-dir DIR (or set {DATA_DIR_ENV}) with the standard files")
+
+
+def _from_dir(name, split, d: Path, what, looked):
+    """tensorflow-datasets prepared in ``d``, else the standard files there; None when neither."""
+    if not d.is_dir():
+        raise DataError(f"{what}{'' if what.endswith('=') else ' '}{d} is not a directory")
+    return _tfds(name, split, d, looked) or _in_dir(name, split, d, looked)
 
 
 def _in_dir(name, split, d: Path, looked):

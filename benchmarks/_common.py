@@ -93,16 +93,17 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0, device: str = "cpu"):
     import torch
 
     from converters import torch_reference as tr
-    from converters.pytorch import DATASETS, find_state_dict, read_checkpoint, strip_prefix
+    from converters.pytorch import COHEN_NORMALIZATION, find_state_dict, read_checkpoint, strip_prefix
+    from rsjax.data import DATASET_INFO
     from rsjax.models import ARCHS
 
-    dataset = ARCHS[arch][2]
-    d = DATASETS[dataset]
-    nc = d["num_classes"]
+    dataset = ARCHS[arch].dataset
+    d = DATASET_INFO[dataset]
+    nc = d.num_classes
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = tr.build_net(arch, nc)
-    h, w, c = ARCHS[arch][1]
+    h, w, c = ARCHS[arch].input_shape
     if checkpoint is not None:
         sd, _, _, _, _ = find_state_dict(read_checkpoint(checkpoint, log=lambda *_: None), checkpoint)
         net_sd, _, _ = strip_prefix(sd)
@@ -110,8 +111,8 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0, device: str = "cpu"):
     elif any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()):
         calib = torch.rand(32 if arch != "resnet50" else 8, c, h, w, generator=g)
         tr.randomize_batchnorm_(net, generator=g, calibrate=calib)
-    norm = d["cohen_normalization"]
-    mean, std = (list(d["mean"]), list(d["std"])) if norm == "meanstd" else ([0.0] * c, [1.0] * c)
+    norm = COHEN_NORMALIZATION[dataset]
+    mean, std = (list(d.mean), list(d.std)) if norm == "meanstd" else ([0.0] * c, [1.0] * c)
     model = tr.cohen_model(net, tr.NormalizeLayer(mean, std)).eval().to(device)
     meta = {"arch": arch, "dataset": dataset, "num_classes": nc, "input_shape": [h, w, c], "mean": mean, "std": std,
             "weights": str(checkpoint) if checkpoint else f"random (seed {seed})"}
@@ -119,37 +120,16 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0, device: str = "cpu"):
 
 
 def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False):
-    """(f, variables) : logits = f(x) for float32 NHWC x in [0, 1], the torch net's weights.
+    """The torch net's weights as an rsjax classifier (:func:`rsjax.classifier.classifier_from_variables`,
+    as ``load_classifier`` builds it): ``logits = f(x)`` for float32 NHWC x in [0, 1].
 
     ``fold``: BatchNorm folded into the convolutions; ``pack``: narrow convolutions width-packed
-    (rsjax.models.pack) - both the same function up to float rounding."""
-    import jax
-    import jax.numpy as jnp
-
+    (rsjax.models.pack, folded models only) - both the same function up to float rounding."""
     from converters.pytorch import torch_to_flax
-    from rsjax.models import build_model
-    from rsjax.models.fold import fold_bn
-    from rsjax.models.pack import pack_narrow
+    from rsjax.classifier import classifier_from_variables
 
-    arch, nc = meta["arch"], meta["num_classes"]
-    variables = jax.device_put(torch_to_flax(state_dict, arch, nc))
-    model = build_model(arch, nc, dtype=jnp.dtype(dtype))
-    if fold:
-        model, variables = fold_bn(model, variables)
-    if pack:
-        model, variables = pack_narrow(model, variables)
-    mean = np.asarray(meta["mean"], np.float32)
-    std = np.asarray(meta["std"], np.float32)
-
-    def apply(w, x):
-        return model.apply(w, (x - mean) / std).astype(jnp.float32)
-
-    def f(x):
-        return apply(variables, x)
-
-    # like load_classifier's f: the counters pass the weights as an argument (split_weights)
-    f.apply, f.variables = apply, variables
-    return f, variables
+    variables = torch_to_flax(state_dict, meta["arch"], meta["num_classes"])
+    return classifier_from_variables(meta["arch"], variables, meta, dtype=dtype, fold=fold, pack=pack)
 
 
 def versions() -> dict:

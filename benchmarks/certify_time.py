@@ -107,7 +107,9 @@ def raw_rate(model_dir, args, x0):
     from rsjax.classifier import load_classifier
     from rsjax.core.sampler import image_keys, make_counter
 
-    f, meta = load_classifier(model_dir, dtype=args.dtype)
+    from rsjax.xla import pack_narrow_convs
+
+    f, meta = load_classifier(model_dir, dtype=args.dtype, pack_narrow=pack_narrow_convs())
     counts = make_counter(f, meta["num_classes"], samples_per_step=min(args.batch, args.N))
     x = jnp.asarray(x0[None])
     s = jnp.full((1,), args.sigma, jnp.float32)

@@ -38,7 +38,6 @@ from rsjax.cli.certify import load_model  # noqa: E402
 from rsjax.core.certify import Smoother  # noqa: E402
 from rsjax.data import load_dataset  # noqa: E402
 from rsjax.methods import get_method  # noqa: E402
-from rsjax.methods.ddrs import DDRSConfig  # noqa: E402
 from rsjax.methods.instars import draws_per_image, start_set  # noqa: E402
 from rsjax.methods.qcrs import search_draws  # noqa: E402
 from rsjax.paths import SHARED_DATA  # noqa: E402
@@ -46,12 +45,14 @@ from rsjax.paths import SHARED_DATA  # noqa: E402
 PAPER_N = 100_000
 
 
-def method_args(name, argv, seed=0, batch=1000):
+def method_config(name, argv):
+    """The method's config dataclass from its command-line flags (rsjax.config)."""
+    from rsjax import config
+
+    method = get_method(name)
     p = argparse.ArgumentParser()
-    get_method(name).add_arguments(p)
-    a = p.parse_args(argv)
-    a.seed, a.batch = seed, batch
-    return a
+    config.add_arguments(p, method.config)
+    return config.from_args(method.config, p.parse_args(argv))
 
 
 def timed(fn, *a):
@@ -105,7 +106,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks/results/methods"))
     args = p.parse_args(argv)
 
-    f, meta = load_model(args.model, log=lambda s: None)
+    clf = load_model(args.model, log=lambda s: None)
+    f, meta = clf
     ds = load_dataset(args.dataset, "test", None)
     m = args.images
     warm_idx, idx = np.arange(m) * 7 + 1, np.arange(m) * 7
@@ -142,15 +144,14 @@ def main(argv=None):
     qcrs_runs = {}
     for label, opts in configs.items():
         name = label.split("-")[0]
-        a = method_args(name, opts, batch=args.batch)
-        a.N = PAPER_N  # a --qcrs-budget percentage is of the N the overhead is projected to
-        chooser = get_method(name).build(a, f, meta)
+        cfg = method_config(name, opts)
+        # a --qcrs-budget percentage is of the N the overhead is projected to
+        chooser = get_method(name).build(cfg, clf, seed=0, batch_size=args.batch, n=PAPER_N)
         chooser(xw, warm_idx, s0)  # compile
         (sigma, _), t = timed(chooser, x, idx, s0)
         _, tc = timed(certify, x, idx, np.asarray(sigma))
         if name == "ddrs":
-            cfg = DDRSConfig(steps=a.ddrs_steps, n=a.ddrs_n)
-            draws = cfg.steps * cfg.n  # forward+backward passes per image
+            draws = cfg.ddrs_steps * cfg.ddrs_n  # forward+backward passes per image
         elif name == "qcrs":
             q = chooser.qcrs
             draws = search_draws(q.cfg)["total"]

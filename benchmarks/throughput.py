@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="device of the PyTorch contenders (auto: cuda when PyTorch sees a GPU)")
     p.add_argument("--skip-torch", action="store_true", help="measure rsjax only")
+    p.add_argument("--compare-rev", default=None, metavar="REV",
+                   help="also time rsjax.core.sampler.make_counter as it was at git revision REV (same classifier, "
+                        "interleaved with the others): a before/after record of a change to the counter")
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
     return p.parse_args(argv)
 
@@ -71,19 +74,39 @@ def timed(fn):
 
 # ------------------------------------------------------------------------------------ contenders
 
-def rsjax_runner(state_dict, meta, args):
-    """Returns (run(rep) -> counts, noise_rate): one call draws batch*steps samples of one image."""
+def sampler_at(rev: str):
+    """``rsjax/core/sampler.py`` as it was at git revision ``rev``, imported as a module of its own."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:rsjax/core/sampler.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"sampler_{rev.replace('/', '_')}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rsjax_runner(state_dict, meta, args, sampler=None):
+    """Returns (run(rep) -> counts, noise_rate): one call draws batch*steps samples of one image.
+    ``sampler``: the module whose ``make_counter`` is timed (default: today's rsjax.core.sampler)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from rsjax.core.sampler import image_keys, make_counter, noisy_copies
+    from rsjax.core import sampler as current
+    from rsjax.core.sampler import image_keys, noisy_copies
 
-    f, _ = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold, pack=args.pack_narrow)
+    sampler = sampler or current
+    f = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold, pack=args.pack_narrow).f
     h, w, c = meta["input_shape"]
     x = jax.random.uniform(jax.random.key(123), (1, h, w, c))
     sigma = jnp.full((1,), args.sigma, jnp.float32)
-    counts = make_counter(f, meta["num_classes"], samples_per_step=args.batch)
+    counts = sampler.make_counter(f, meta["num_classes"], samples_per_step=args.batch)
     num = args.batch * args.steps
 
     def run(rep):
@@ -231,6 +254,12 @@ def main(argv=None):
     rs_run(0)
     log(f"rsjax compiled + first run in {time.perf_counter() - t:.1f} s; noise alone {noise_rate:,.0f} samples/s")
     contenders = {"rsjax": rs_run}
+    if args.compare_rev:
+        old_run, _ = rsjax_runner(sd, meta, args, sampler=sampler_at(args.compare_rev))
+        a, b = rs_run(1), old_run(1)
+        assert (a[:, : b.shape[1]] == b).all(), "the two revisions' counters disagree"
+        settings["compare_rev"] = args.compare_rev
+        contenders[f"rsjax@{args.compare_rev}"] = old_run
     tuned_name, tuned_rates = None, {}
     if not args.skip_torch:
         import torch
@@ -281,6 +310,9 @@ def main(argv=None):
         "ratio_vs_tuned_per_rep": ([r / t for r, t in zip(times["torch_tuned"], times["rsjax"])]
                                    if "torch_tuned" in times else None),
         "rsjax_noise_only_samples_per_s": noise_rate,
+        "rsjax_at_rev_samples_per_s": rates.get(f"rsjax@{args.compare_rev}") if args.compare_rev else None,
+        "rsjax_vs_rev_per_rep": ([o / n for o, n in zip(times[f"rsjax@{args.compare_rev}"], times["rsjax"])]
+                                 if args.compare_rev else None),
         "reps": args.reps,
         "samples_per_rep": samples,
         "seconds_per_rep": {k: v for k, v in times.items()},
@@ -302,11 +334,13 @@ def main(argv=None):
         fmt = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
         ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
         dev = _common.device_label(rec)
+        old_note = f", {args.compare_rev}: {fmt(rec['rsjax_at_rev_samples_per_s'])}" if args.compare_rev else ""
         row = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {args.model} | {args.batch} | {args.dtype} | {dev} | "
                f"{fmt(rec['rsjax_samples_per_s'])} | {fmt(rec['torch_reference_samples_per_s'])} | "
                f"{fmt(rec['torch_tuned_samples_per_s'])} ({tuned_name or '-'}) | {ratio(rec['ratio_vs_reference'])} | "
                f"{ratio(rec['ratio_vs_tuned'])} | {load_start[0]:.1f}/{load_end[0]:.1f} | "
                f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow}"
+               f"{old_note}"
                f"{'' if args.skip_torch else f', torch on {args.torch_dev}'} |")
         path = _common.write_result("throughput", rec, row, MD_HEADER)
         log(f"wrote {path}")

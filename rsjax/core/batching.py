@@ -5,10 +5,9 @@ noise of draw j depends only on the image key and j); only speed and memory do. 
 
     batch = min(PREFERRED[platform], budget // bytes_per_sample), rounded down to a multiple of 8,
 
-- ``PREFERRED``: the batch past which a bigger one was not measured to help on that platform:
-  CPU 400 (ResNet-110 on the 2-core development CPU: 25, 50, 100 and 400 within 4% of each other,
-  so a bigger batch only costs memory); GPU 2048 (not measured yet - no GPU was lent to this work -
-  so it is the batch at which a CIFAR ResNet-110 forward on a modern GPU is commonly saturated);
+- ``PREFERRED``: the batch past which a bigger one was not measured to help on that platform
+  (CPU 400; GPU 2048, not measured yet: the batch at which a CIFAR ResNet-110 forward on a modern
+  GPU is commonly saturated; docs/throughput.md);
 - ``bytes_per_sample``: XLA's own memory analysis of ``f`` compiled at batches 8 and 16 (arguments,
   outputs and temporaries; the growth per input), times 2 for the noise buffers and the counting;
 - ``budget``: a quarter of the device's memory - ``bytes_limit`` of a GPU, the physical memory

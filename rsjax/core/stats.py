@@ -1,4 +1,5 @@
-"""Host-side statistics of Cohen et al. (2019) CERTIFY and PREDICT (spec sections 1.2-1.4).
+"""Host-side statistics of Cohen et al. (2019) CERTIFY and PREDICT (their section 3.2
+pseudocode; locuslab/smoothing ``code/core.py``).
 
 Everything here works on the per-image integer counts that the on-device sampler returns
 and goes through ``scipy.stats``; nothing is hand-written.

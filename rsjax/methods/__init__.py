@@ -24,7 +24,7 @@ A method is a :class:`Method`:
   have ``finish(extras, *, predict, radius, pA_lower) -> extras``, called after CERTIFY, for
   columns that depend on the final certificate (QCRS's ``pABar``).
 - ``memory``: optional ``memory(cfg, out_path) -> Memory | None`` for stateful post-processing
-  (DDRS section 4.3). A Memory has ``update(x, predict, radius, idx) -> (predict, radius)``
+  (DDRS memory-based certification). A Memory has ``update(x, predict, radius, idx) -> (predict, radius)``
   (numpy arrays for one batch of images in dataset order), ``save()`` (called after the rows of a
   batch are written, so a resumed run continues it), and ``changed`` (count of certificates it
   changed). It starts empty unless ``out_path`` already holds certified rows.

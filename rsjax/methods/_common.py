@@ -44,7 +44,7 @@ def unpack(classifier):
 
 def memory_factory(field: str):
     """``Method.memory`` for a method whose config field ``field`` switches the DDRS memory
-    (Alfarra et al. 2022, section 4.3) on: the memory saved next to the output, else None."""
+    (Alfarra et al. 2022) on: the memory saved next to the output, else None."""
 
     def memory(cfg, out_path):
         if not getattr(cfg, field):

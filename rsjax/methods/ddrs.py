@@ -1,4 +1,5 @@
-"""DDRS: Data-Dependent Randomized Smoothing (Alfarra, Bibi, Torr, Ghanem; UAI 2022), spec section 4.
+"""DDRS: Data-Dependent Randomized Smoothing (Alfarra, Bibi, Torr, Ghanem; UAI 2022);
+reference code MotasemAlfarra/Data_Dependent_Randomized_Smoothing.
 
 Per input x, sigma_x is found by plain gradient ascent on the differentiable radius surrogate
 
@@ -13,15 +14,15 @@ sum_i R_i is the vector of per-image gradients), and all K iterations run inside
 ``lax.fori_loop``. The clip has zero gradient outside [lo, hi], as ``torch.clamp`` in the
 reference; once both entries are clipped the gradient is the constant gap/2.
 
-Defaults (spec 4.1): sigma0 = the model's training sigma (meta['sigma']; else the certify
+Defaults (the paper's and the reference's): sigma0 = the model's training sigma (meta['sigma']; else the certify
 command's SIGMA), lr = 1e-4, K = 100, n = 1, clip [0.02, 0.98]. No projection or positivity
-constraint during the ascent (as the reference); the returned sigma is floored at 1e-4 [D] so
+constraint during the ascent (as the reference); the returned sigma is floored at 1e-4 (this library's choice) so
 that CERTIFY gets a positive noise level.
 
 Noise: iteration k uses draws k*n, ..., k*n + n - 1 of the image's ``optimize`` stream; the
 certificate then runs Cohen CERTIFY at sigma_x with the fresh ``select``/``estimate`` streams.
 
-Memory (spec 4.3, ``--ddrs-memory``): the certify command feeds every certified image, in
+Memory (``--ddrs-memory``): the certify command feeds every certified image, in
 dataset order, through :class:`rsjax.methods.memory.Memory`, which shrinks or relabels a
 certificate whose ball would overlap a stored ball of another class (guarantee ``memory``).
 
@@ -54,7 +55,7 @@ class DDRSConfig:
     ddrs_steps: int = option(100, "ascent iterations K")
     ddrs_n: int = option(1, "noise draws per iteration")
     ddrs_clamp: str = option("0.02,0.98", "LO,HI clip of psi before Phi^-1", metavar="LO,HI")
-    ddrs_memory: bool = option(False, "memory-based certification (section 4.3): shrink/relabel overlapping "
+    ddrs_memory: bool = option(False, "memory-based certification: shrink/relabel overlapping "
                                       "certificates")
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Insta-RS (Chen, Kong, Yu, Luque, Goldstein, Huang; arXiv 2103.04436): multi-start search for a
-per-input sigma, as specified in section 6 of the spec (no public code exists; every rule and
-constant below is this library's choice [D] and is settable on the command line).
+per-input sigma, after the paper's description (no public code exists; every rule and
+constant below is this library's choice and is settable on the command line).
 
 Estimated radius (as QCRS's FAST_CERTIFY): from ``num`` draws at sigma,
 R_hat(sigma) = sigma * Phi^{-1}(pL), pL the one-sided Clopper-Pearson lower bound at
@@ -73,7 +73,7 @@ class InstaRSConfig:
     instars_steps: int = option(4, "local-search steps T per start")
     instars_eta: float = option(0.25, "initial multiplicative step")
     instars_alpha: float = option(0.001, "Clopper-Pearson alpha inside the search")
-    instars_memory: bool = option(False, "memory-based consistency check (DDRS section 4.3) over the certified balls")
+    instars_memory: bool = option(False, "memory-based consistency check (DDRS memory-based certification) over the certified balls")
 
     def __post_init__(self):
         self.search(None)

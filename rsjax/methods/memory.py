@@ -1,4 +1,5 @@
-"""Memory-based certification (DDRS, Alfarra et al. 2022; spec section 4.3).
+"""Memory-based certification (DDRS, Alfarra et al. 2022; reference post-processing in
+MotasemAlfarra/Data_Dependent_Randomized_Smoothing).
 
 With sigma chosen per input, two certified balls can overlap with different labels, so the
 input-adaptive classifier x -> g_{sigma(x)}(x) is not globally consistent. The memory processes
@@ -18,7 +19,7 @@ Only the incoming certificate changes; stored entries keep their radii (as the r
 post-processing). Distances use the flattened [0, 1] image. The reference script's min/argmin
 bug is avoided (argmin is explicit).
 
-Abstentions [D, the spec is silent]: an abstained point (c = -1, R = 0) is looked up like any
+Abstentions (this library's choice; the paper is silent): an abstained point (c = -1, R = 0) is looked up like any
 other (so it adopts the class of a stored ball that contains it, with the remaining radius) but
 is never stored itself - an abstention certifies nothing.
 
@@ -86,7 +87,7 @@ def _has_rows(out_path) -> bool:
 
 
 class Memory:
-    """The stateful certifier of spec 4.3 (see module docstring).
+    """The stateful memory-based certifier (see module docstring).
 
     ``update(x, predict, radius, idx=None) -> (predict, radius)``: numpy arrays for one batch of
     images in dataset order; ``save()``; ``changed``; ``len(memory)`` stored certificates.

@@ -1,5 +1,5 @@
 """QCRS (Kung & Chen, AAAI 2024): per-input sigma maximising the certified radius, found by a
-vectorised quasiconcave search (spec section 5).
+vectorised quasiconcave search (reference code: ntuaislab/QCRS ``code/core_qcrs.py``).
 
 At a fixed input x the estimated radius curve
 
@@ -129,7 +129,7 @@ class QCRSConfig:
     qcrs_no_check: bool = option(False, "skip the safety check against sigma0")
     qcrs_check_rule: str = option("rsjax", "safety check: rsjax (common draws, c_A only) or reference "
                                   "(independent draws, each side's own argmax)", choices=CHECK_RULES)
-    qcrs_memory: bool = option(False, "memory-based consistency check (DDRS section 4.3) over the certified balls")
+    qcrs_memory: bool = option(False, "memory-based consistency check (DDRS memory-based certification) over the certified balls")
 
     def __post_init__(self):
         self.plan(validate_only=True)

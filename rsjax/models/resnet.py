@@ -2,11 +2,12 @@
 
 One :class:`ResNet` module; the architectures are ``functools.partial`` of it:
 
-- ``cifar_resnet{20,32,44,56,110}``: the Cohen / bearpaw CIFAR ResNet (spec section 2.1):
+- ``cifar_resnet{20,32,44,56,110}``: the Cohen / bearpaw CIFAR ResNet (locuslab/smoothing
+  ``code/archs/cifar_resnet.py``):
   3x3 stem 3->16 + BN + ReLU, three stages of n BasicBlocks (16/32/64 channels, depth = 6n+2),
   stride 2 on the first block of stages 2 and 3 with a 1x1-conv+BN projection shortcut,
   global average pool, ``fc``.
-- ``resnet50``: torchvision ResNet-50 v1.5 (section 2.2): 7x7/2 stem + BN + ReLU, 3x3/2 max
+- ``resnet50``: torchvision ResNet-50 v1.5 (``torchvision.models.resnet50``): 7x7/2 stem + BN + ReLU, 3x3/2 max
   pool (padded with -inf), Bottleneck stages [3, 4, 6, 3] of widths 64/128/256/512 (x4),
   stride on the 3x3 conv2, projection on block 0 of every stage, global average pool, ``fc``.
 

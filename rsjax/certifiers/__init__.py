@@ -87,19 +87,23 @@ class CohenRunner:
 
         self.seed = seed
         self.smoother = Smoother(classifier.f, int(classifier.meta["num_classes"]), batch_size)
+        self._group = 0
 
-    def group_size(self, num_images, nums):
-        """Images per call that fill the device batch for each draw count in ``nums``."""
-        return max(self.smoother.layout(max(num_images, 1), num)[0] for num in nums)
+    def _group_for(self, x):
+        # the largest group seen so far: a smaller last group reuses its compiled layout
+        self._group = max(self._group, len(x))
+        return self._group
 
-    def certify(self, x, idx, sigma, *, n0, n, alpha, progress=None, group=None):
+    def certify(self, x, idx, sigma, *, n0, n, alpha, progress=None):
         pred, radius, pa, nonfinite = self.smoother.certify(x, sigma, n0=n0, n=n, alpha=alpha, key=self.seed,
-                                                           idx=idx, group=group, progress=progress)
+                                                           idx=idx, group=self._group_for(x), progress=progress)
         return {"predict": pred, "radius": radius, "pA_lower": pa, "nonfinite": nonfinite}
 
-    def predict(self, x, idx, sigma, *, n, alpha, progress=None, group=None):
+    def predict(self, x, idx, sigma, *, n, alpha, progress=None):
+        """Cohen et al. (2019), Algorithm PREDICT (``predict`` -1 = abstain, ``pvalue`` of the
+        binomial test)."""
         pred, pvalue, nonfinite = self.smoother.predict(x, sigma, n=n, alpha=alpha, key=self.seed, idx=idx,
-                                                       group=group, progress=progress)
+                                                       group=self._group_for(x), progress=progress)
         return {"predict": pred, "pvalue": pvalue, "nonfinite": nonfinite}
 
 

@@ -309,6 +309,14 @@ class Progress:
         self.bar.close()
 
 
+def group_size(num_images, nums, batch):
+    """Images per group: as many as fill one forward batch for each draw count in ``nums``
+    (:func:`rsjax.core.sampler.choose_layout`); the rows never depend on it."""
+    from rsjax.core.sampler import choose_layout
+
+    return max(choose_layout(max(num_images, 1), num, batch)[0] for num in nums)
+
+
 def group_loop(run, group, step, progress):
     """For each group of ``group`` images of ``run.todo``: load and check them, ``step(x, idx,
     labels, progress) -> list of row dicts`` (every column but ``time``), write the rows.
@@ -398,7 +406,7 @@ def run_certify(args):
         # the memory check turns a per-input certificate into a memory one (DDRS section 4.3)
         guarantee = "memory" if memory is not None else (
             method.guarantee if certifier.guarantee == "fixed" else certifier.guarantee)
-        group = runner.group_size(len(run.todo), (args.N0, args.N))
+        group = group_size(len(run.todo), (args.N0, args.N), batch)
 
         def step(x, idx, labels, samples):
             sigma = np.full(len(idx), float(args.sigma))
@@ -406,8 +414,7 @@ def run_certify(args):
             if chooser is not None:
                 sigma, extras = chooser(x, idx, sigma)
                 sigma = np.asarray(sigma, np.float64)
-            cert = runner.certify(x, idx, sigma, n0=args.N0, n=args.N, alpha=args.alpha, progress=samples,
-                                  group=group)
+            cert = runner.certify(x, idx, sigma, n0=args.N0, n=args.N, alpha=args.alpha, progress=samples)
             if memory is not None:
                 # saved before the rows are written: a crash in between recomputes these
                 # images on resume, and the memory recognises them by index
@@ -449,11 +456,11 @@ def run_predict(args):
         batch = resolve_batch(args, run.clf)
         cohen = get_certifier("cohen")
         runner = cohen.build(cohen.config(), run.clf, seed=args.seed, batch_size=batch)
-        group = runner.group_size(len(run.todo), (args.N,))
+        group = group_size(len(run.todo), (args.N,), batch)
 
         def step(x, idx, labels, samples):
             out = runner.predict(x, idx, np.full(len(idx), float(args.sigma)), n=args.N, alpha=args.alpha,
-                                 progress=samples, group=group)
+                                 progress=samples)
             rows = _base_rows(idx, labels, out["predict"])
             for i, row in enumerate(rows):
                 row["nonfinite"] = int(out["nonfinite"][i])

@@ -2,10 +2,24 @@
 
 Public API (imported lazily so that ``import rsjax`` stays cheap):
 
-- ``load_classifier(path) -> (f, meta)``: a converted model as a pure ``logits = f(x)``
-  for ``x`` float32 ``(B, H, W, C)`` in [0, 1].
-- ``certify(f, x, *, sigma, n0, n, alpha, key, batch_size)``: Cohen et al. CERTIFY.
-- ``predict(f, x, *, sigma, n, alpha, key, batch_size)``: Cohen et al. PREDICT.
+- ``load_classifier(path) -> Classifier``: a converted model; ``f, meta = load_classifier(path)``
+  gives a pure ``logits = f(x)`` for ``x`` float32 ``(B, H, W, C)`` in [0, 1] and its metadata
+  (``.num_classes``, ``.input_shape``, ``.checksum`` on the object). A damaged model (checksum
+  mismatch) or one with NaN/inf weights is a ``CheckpointError``.
+- ``certify(f, x, *, sigma, n0, n, alpha, key, idx, batch_size, num_classes, check_range)``:
+  Cohen et al. CERTIFY -> ``(prediction, radius, pA_lower)``.
+- ``predict(f, x, *, sigma, n, alpha, key, idx, batch_size, num_classes, check_range)``:
+  Cohen et al. PREDICT -> ``prediction``.
+
+Inputs to ``certify`` / ``predict``: ``x`` must be float images in [0, 1], shaped (M, H, W, C)
+(channels last). Integer images (uint8 0-255) are refused - divide by 255 -, as are NCHW
+batches, a single 3-D image (pass ``x[None]``), NaN/inf pixels and values outside [0, 1] beyond
+rounding; pass ``check_range=False`` for a model defined on another range. Every refusal is an
+``rsjax.errors.RsjaxError`` with one line naming the problem (``rsjax.core.certify.check_images``).
+A noisy draw whose logits are not all finite is no vote for any class (it counts against the
+top class); ``certify`` / ``predict`` warn (``RuntimeWarning``) when there were any, and
+``rsjax.core.certify.Smoother(f, K).certify(...)`` returns their number per image as a fourth
+value (``nonfinite``).
 """
 
 __version__ = "0.1.0"

@@ -200,6 +200,33 @@ class Smoother:
         return pred, pvalue, counts[:, self.num_classes]
 
 
+class CohenRunner:
+    """The ``cohen`` certifier's runner (:mod:`rsjax.certifiers`): Cohen et al. (2019) CERTIFY and
+    PREDICT on the images of one command, seeded by ``seed`` and the dataset indices, over one
+    :class:`Smoother`. Results are dicts of per-image numpy arrays."""
+
+    def __init__(self, classifier, *, seed, batch_size):
+        self.seed = seed
+        self.smoother = Smoother(classifier.f, int(classifier.meta["num_classes"]), batch_size)
+        self._group = 0
+
+    def _group_for(self, x):
+        # the largest group seen so far: a smaller last group reuses its compiled layout
+        self._group = max(self._group, len(x))
+        return self._group
+
+    def certify(self, x, idx, sigma, *, n0, n, alpha, progress=None):
+        pred, radius, pa, nonfinite = self.smoother.certify(x, sigma, n0=n0, n=n, alpha=alpha, key=self.seed,
+                                                           idx=idx, group=self._group_for(x), progress=progress)
+        return {"predict": pred, "radius": radius, "pA_lower": pa, "nonfinite": nonfinite}
+
+    def predict(self, x, idx, sigma, *, n, alpha, progress=None):
+        """PREDICT (``predict`` -1 = abstain, ``pvalue`` of the binomial test)."""
+        pred, pvalue, nonfinite = self.smoother.predict(x, sigma, n=n, alpha=alpha, key=self.seed, idx=idx,
+                                                       group=self._group_for(x), progress=progress)
+        return {"predict": pred, "pvalue": pvalue, "nonfinite": nonfinite}
+
+
 def _check_inputs(x, sigma, idx):
     x = np.asarray(x, np.float32)
     if x.ndim != 4:
@@ -285,4 +312,4 @@ def predict(f, x, *, sigma, n=100_000, alpha=0.001, key=0, idx=None, batch_size=
     return prediction
 
 
-__all__ = ["certify", "predict", "Smoother", "check_images", "keys_for", "infer_num_classes", "check_sigma"]
+__all__ = ["certify", "predict", "Smoother", "CohenRunner", "check_images", "keys_for", "infer_num_classes", "check_sigma"]

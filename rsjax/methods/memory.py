@@ -42,6 +42,7 @@ import numpy as np
 from rsjax.errors import RsjaxError
 
 ABSTAIN = -1
+MIN_CAPACITY = 64  # device slots of an empty memory; doubled as needed (O(log N) compilations)
 
 
 @jax.jit
@@ -174,7 +175,7 @@ class Memory:
         self._dim = dim
         if need <= self._cap and self._dev is not None:
             return
-        cap = max(64, self._cap)
+        cap = max(MIN_CAPACITY, self._cap)
         while cap < need:
             cap *= 2
         mx = jnp.zeros((cap, dim), jnp.float32)

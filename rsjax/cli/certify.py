@@ -212,7 +212,7 @@ class Run:
     """What both commands share: the validated arguments, the data, the model, the images to do
     and the output file; built in this order so that nothing is written before every check."""
 
-    def __init__(self, args, columns, settings):
+    def __init__(self, args, columns, settings, legacy_optional=()):
         from rsjax.data import load_dataset
 
         self.args = args
@@ -249,7 +249,8 @@ class Run:
 
         self.writer = ResultWriter(self.outfile, self.columns, self.settings, info=info,
                                    legacy_settings=self._legacy_settings(settings), overwrite=args.overwrite,
-                                   legacy_same={"checkpoint": _same_path}, legacy_missing=LEGACY_MISSING)
+                                   legacy_same={"checkpoint": _same_path}, legacy_missing=LEGACY_MISSING,
+                                   legacy_optional=legacy_optional)
         self.todo = indices
         if self.writer.resumed:
             if self.writer.last_idx is not None:
@@ -395,7 +396,10 @@ def run_certify(args):
                 "skip": args.skip, "seed": args.seed, "dtype": args.dtype,
                 "method": {"name": method.name, **config.to_dict(method_cfg)},
                 "certifier": {"name": certifier.name, **config.to_dict(certifier_cfg)}}
-    run = Run(args, columns, settings)
+    # an earlier file may lack options added since; at their default they change nothing
+    defaults = config.to_dict(method.config())
+    optional = [k for k, v in config.to_dict(method_cfg).items() if defaults.get(k) == v]
+    run = Run(args, columns, settings, legacy_optional=optional)
     try:
         batch = resolve_batch(args, run.clf)
         check_interrupt()

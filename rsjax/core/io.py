@@ -309,7 +309,8 @@ class ResultWriter:
       legacy_settings: the ``# key=value`` settings an earlier rsjax would have written for this
         run (compared with such a file's lines before it is migrated); ``legacy_same`` maps a key
         to a function ``(file value, this run's value) -> bool`` for keys compared otherwise;
-        ``legacy_missing``: columns such files lack, left empty in their migrated rows.
+        ``legacy_missing``: columns such files lack, left empty in their migrated rows;
+        ``legacy_optional``: settings such a file may lack (options added since, at their default).
       overwrite: start over (the old file and sidecar are replaced).
       lock: hold :class:`OutputLock` on ``path`` until :meth:`close`.
 
@@ -320,7 +321,8 @@ class ResultWriter:
 
     def __init__(self, path, columns, settings: dict | None = None, *, info: dict | None = None,
                  legacy_settings: dict | None = None, legacy_same: dict | None = None,
-                 legacy_missing: tuple = (), overwrite: bool = False, lock: bool = True):
+                 legacy_missing: tuple = (), legacy_optional: tuple = (), overwrite: bool = False,
+                 lock: bool = True):
         self.path = Path(path)
         self.columns = tuple(columns)
         if "idx" not in self.columns:
@@ -330,6 +332,7 @@ class ResultWriter:
         self.legacy_settings = legacy_settings
         self.legacy_same = legacy_same or {}
         self.legacy_missing = tuple(legacy_missing)
+        self.legacy_optional = set(legacy_optional)
         self.rows: list[list[str]] = []
         self.resumed = self.migrated = False
         self._fd = None
@@ -460,6 +463,8 @@ class ResultWriter:
         have = parse_settings_lines(comments)
         want = parse_settings_lines(settings_lines(self.legacy_settings))
         for k in list(want) + [k for k in have if k not in want]:
+            if k not in have and k in self.legacy_optional:
+                continue
             a, b = have.get(k, "(absent)"), want.get(k, "(absent)")
             same = self.legacy_same[k](a, b) if k in self.legacy_same and k in have and k in want else a == b
             if not same:

@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: the same network in PyTorch and in rsjax, machine facts, output.
 
-The PyTorch network is engineer A's reference definition (``converters/torch_reference.py``);
+The PyTorch network is the reference definition (``converters/torch_reference.py``);
 its weights (random, with randomised BatchNorm statistics calibrated on a batch so that a deep
-random net keeps sane activations, or a real checkpoint) are converted with A's converter
+random net keeps sane activations, or a real checkpoint) are converted with the converter
 (``converters.pytorch.torch_to_flax``), so both frameworks evaluate the same function.
 """
 

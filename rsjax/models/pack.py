@@ -29,7 +29,7 @@ each packable ``nn.Conv`` computed packed (a Flax method interceptor). Apply it 
 (``pack_narrow(*fold_bn(module, variables))``): the folded BatchNorms' per-channel bias adds are
 then also written in the packed layout (:func:`add_channel_bias`), which is what makes packing
 pay - with the bias added in the unpacked layout XLA:CPU inserts a relayout copy at every layer
-and the packed network is ~2.5x *slower* than the unpacked one (measured on ResNet-110).
+and the packed network is *slower* than the unpacked one (docs/throughput.md).
 
 Whether packing pays depends on the backend and its flags - under XLA:CPU's default convolution
 emitter it is slower - so the choice is :func:`rsjax.xla.pack_narrow_convs`, measured by
@@ -87,8 +87,8 @@ def add_channel_bias(y, bias, pack: int):
 
     The same numbers as ``y + bias``. Between packed convolutions XLA then sees only reshapes
     and elementwise ops with matching shapes, which it moves out of the way; a channel broadcast in
-    the unpacked layout instead forces a relayout copy at every layer (measured: the packed stage
-    runs at less than half its speed).
+    the unpacked layout instead forces a relayout copy at every layer, which costs more than packing saves
+    (docs/throughput.md).
     """
     b, h, w, c = y.shape
     return (y.reshape(b, h, w // pack, pack * c) + jnp.tile(bias, pack)).reshape(b, h, w, c)

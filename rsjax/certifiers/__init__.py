@@ -77,40 +77,15 @@ class CohenConfig:
     """Cohen et al. (2019) CERTIFY has no options beyond N0, N and alpha."""
 
 
-class CohenRunner:
-    """Cohen et al. (2019), Algorithm CERTIFY, through :class:`rsjax.core.certify.Smoother`:
-    c_A from n0 ``select`` draws, then p_A's Clopper-Pearson lower bound from n ``estimate``
-    draws; radius sigma * Phi^-1(pA_lower) when pA_lower > 1/2, else abstain."""
+def build_cohen(cfg: CohenConfig, classifier, *, seed, batch_size):
+    """Cohen et al. (2019) CERTIFY / PREDICT: :class:`rsjax.core.certify.CohenRunner` over one
+    :class:`rsjax.core.certify.Smoother` (c_A from n0 ``select`` draws, the Clopper-Pearson bound
+    from n ``estimate`` draws)."""
+    from rsjax.core.certify import CohenRunner
 
-    def __init__(self, classifier, *, seed, batch_size):
-        from rsjax.core.certify import Smoother
-
-        self.seed = seed
-        self.smoother = Smoother(classifier.f, int(classifier.meta["num_classes"]), batch_size)
-        self._group = 0
-
-    def _group_for(self, x):
-        # the largest group seen so far: a smaller last group reuses its compiled layout
-        self._group = max(self._group, len(x))
-        return self._group
-
-    def certify(self, x, idx, sigma, *, n0, n, alpha, progress=None):
-        pred, radius, pa, nonfinite = self.smoother.certify(x, sigma, n0=n0, n=n, alpha=alpha, key=self.seed,
-                                                           idx=idx, group=self._group_for(x), progress=progress)
-        return {"predict": pred, "radius": radius, "pA_lower": pa, "nonfinite": nonfinite}
-
-    def predict(self, x, idx, sigma, *, n, alpha, progress=None):
-        """Cohen et al. (2019), Algorithm PREDICT (``predict`` -1 = abstain, ``pvalue`` of the
-        binomial test)."""
-        pred, pvalue, nonfinite = self.smoother.predict(x, sigma, n=n, alpha=alpha, key=self.seed, idx=idx,
-                                                       group=self._group_for(x), progress=progress)
-        return {"predict": pred, "pvalue": pvalue, "nonfinite": nonfinite}
-
-
-def build_cohen(cfg: CohenConfig, classifier, *, seed, batch_size) -> CohenRunner:
     return CohenRunner(classifier, seed=seed, batch_size=batch_size)
 
 
 COHEN = register(Certifier(name="cohen", guarantee="fixed", config=CohenConfig, build=build_cohen))
 
-__all__ = ["Certifier", "CohenConfig", "CohenRunner", "RESULT_KEYS", "all_certifiers", "get_certifier", "register"]
+__all__ = ["Certifier", "CohenConfig", "RESULT_KEYS", "all_certifiers", "get_certifier", "register"]

@@ -81,7 +81,7 @@ def read_meta(path):
     return meta
 
 
-def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
+def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None, cpu_kernels="xla"):
     """Load a converted model: ``(f, meta)`` with ``logits = f(x)``.
 
     ``x``: float32 ``(B, H, W, C)`` in [0, 1]; logits: float32 ``(B, num_classes)``. ``f`` is pure
@@ -95,6 +95,10 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
 
     ``f.variables`` (the Flax variables), ``f.apply(variables, x)`` (the same function with the
     weights passed explicitly, preferable inside a large jit) and ``f.meta`` are attached.
+
+    ``cpu_kernels`` (``auto`` | ``onednn`` | ``xla``) routes the convolutions, with their folded
+    BatchNorm, bias, ReLU and residual sum, to oneDNN on a CPU (:mod:`rsjax.kernels.onednn`, instead of
+    packing); recorded as ``meta["cpu_kernels"]``.
     """
     import jax
     import jax.numpy as jnp
@@ -124,6 +128,11 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
         from rsjax.models.fold import fold_variables
 
         variables, folded = fold_variables(variables)
+    from rsjax.kernels.onednn import resolve
+
+    onednn = resolve(cpu_kernels)
+    if onednn:
+        pack_narrow = False
     if pack_narrow is None:
         from rsjax.xla import pack_narrow_convs
 
@@ -133,7 +142,15 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=None):
         from rsjax.models.pack import pack_variables
 
         variables, packed = pack_variables(variables)
-    meta = dict(meta, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed))
+    meta = dict(meta, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed),
+                cpu_kernels="onednn" if onednn else "xla")
+    if onednn:
+        from rsjax.kernels.onednn import onednn_classifier
+
+        f = onednn_classifier(arch, int(meta["num_classes"]), variables, meta["mean"], meta["std"], dtype=dtype,
+                              folded_paths=folded)
+        f.meta = meta
+        return f, meta
 
     apply = _jitted_apply(arch, int(meta["num_classes"]), dtype,
                           tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded,

@@ -473,5 +473,30 @@ def onednn_model(module, variables, input_shape, *, folded_paths=frozenset(), ep
     return model, out
 
 
-__all__ = ["CHOICES", "COLLECTION", "OnednnModel", "available", "conv_problem", "load", "onednn_conv", "onednn_model",
+__all__ = ["CHOICES", "COLLECTION", "OnednnModel", "available", "conv_problem", "load", "onednn_classifier", "onednn_conv",
+           "onednn_model",
            "prepare_blob", "primitive_info", "primitive_time", "resolve", "xla_conv"]
+
+
+def onednn_classifier(arch, num_classes, variables, mean, std, *, dtype="float32", folded_paths=frozenset()):
+    """``f`` with ``logits = f(x) = net((x - mean) / std)`` (float32 NHWC ``x`` in [0, 1]) whose
+    convolutions run in oneDNN; ``variables`` are folded (:func:`rsjax.models.fold.fold_variables`).
+    ``f.apply(f.variables, x)`` and ``f.variables`` (with the weight blobs) as for
+    :func:`rsjax.classifier.load_classifier`."""
+    from rsjax.models import build_model, input_shape
+
+    module = build_model(arch, num_classes, dtype=jnp.dtype(dtype))
+    model, variables = onednn_model(module, variables, input_shape(arch), folded_paths=folded_paths)
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+
+    @jax.jit
+    def apply(w, x):
+        x = (jnp.asarray(x, jnp.float32) - mean) / std
+        return model.apply(w, x, train=False).astype(jnp.float32)
+
+    def f(x):
+        return apply(variables, x)
+
+    f.apply, f.variables = apply, variables
+    return f

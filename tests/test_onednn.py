@@ -78,7 +78,7 @@ def test_float32_logits_real_lenet(converted, shared_data):
     assert np.mean(got.argmax(1) == y) > 0.9
 
 
-@pytest.mark.parametrize("arch,shape,batch", [("cifar_resnet110", (32, 32, 3), 2), ("resnet50", (64, 64, 3), 2)])
+@pytest.mark.parametrize("arch,shape,batch", [("cifar_resnet110", (32, 32, 3), 2), ("resnet50", (32, 32, 3), 2)])
 def test_float32_logits_random_resnets(arch, shape, batch):
     from test_fold import randomized_bn
 

@@ -119,17 +119,19 @@ def torch_model(arch: str, checkpoint=None, seed: int = 0, device: str = "cpu"):
     return model, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, meta
 
 
-def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False):
+def rsjax_classifier(state_dict, meta, *, dtype="float32", fold=True, pack=False, cpu_kernels="xla"):
     """The torch net's weights as an rsjax classifier (:func:`rsjax.classifier.classifier_from_variables`,
     as ``load_classifier`` builds it): ``logits = f(x)`` for float32 NHWC x in [0, 1].
 
     ``fold``: BatchNorm folded into the convolutions; ``pack``: narrow convolutions width-packed
-    (rsjax.models.pack, folded models only) - both the same function up to float rounding."""
+    (rsjax.models.pack, folded models only) - both the same function up to float rounding;
+    ``cpu_kernels``: ``onednn`` runs the convolutions in oneDNN (rsjax.kernels.onednn)."""
     from converters.pytorch import torch_to_flax
     from rsjax.classifier import classifier_from_variables
 
     variables = torch_to_flax(state_dict, meta["arch"], meta["num_classes"])
-    return classifier_from_variables(meta["arch"], variables, meta, dtype=dtype, fold=fold, pack=pack)
+    return classifier_from_variables(meta["arch"], variables, meta, dtype=dtype, fold=fold, pack=pack,
+                                     cpu_kernels=cpu_kernels)
 
 
 def versions() -> dict:

@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="width-pack narrow convolutions (rsjax.models.pack); auto: where rsjax.xla says it helps")
     p.add_argument("--xla", default="default", choices=("default", "rsjax"),
                    help="'rsjax': apply rsjax.xla's recommended settings before JAX starts")
+    p.add_argument("--cpu-kernels", default="xla", choices=("auto", "onednn", "xla"),
+                   help="rsjax convolutions on CPU: oneDNN with fused epilogues (rsjax.kernels.onednn) or XLA's")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each contender (median reported)")
     p.add_argument("--steps", type=int, default=2, help="batches per timed repetition")
     p.add_argument("--sigma", type=float, default=0.25)
@@ -102,7 +104,8 @@ def rsjax_runner(state_dict, meta, args, sampler=None):
     from rsjax.core.sampler import image_keys, noisy_copies
 
     sampler = sampler or current
-    f = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold, pack=args.pack_narrow).f
+    f = _common.rsjax_classifier(state_dict, meta, dtype=args.dtype, fold=not args.no_fold, pack=args.pack_narrow,
+                                 cpu_kernels=args.cpu_kernels_used).f
     h, w, c = meta["input_shape"]
     x = jax.random.uniform(jax.random.key(123), (1, h, w, c))
     sigma = jnp.full((1,), args.sigma, jnp.float32)
@@ -238,7 +241,12 @@ def main(argv=None):
 
     from rsjax.xla import pack_narrow_convs
 
+    from rsjax.kernels.onednn import resolve
+
+    args.cpu_kernels_used = "onednn" if resolve(args.cpu_kernels) and not args.no_fold else "xla"
+    settings["cpu_kernels"] = args.cpu_kernels_used
     args.pack_narrow = pack_narrow_convs(folded=not args.no_fold) if args.pack == "auto" else args.pack == "on"
+    args.pack_narrow = args.pack_narrow and args.cpu_kernels_used == "xla"
     settings["pack_narrow"] = args.pack_narrow
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if args.torch_threads:
@@ -339,7 +347,7 @@ def main(argv=None):
                f"{fmt(rec['rsjax_samples_per_s'])} | {fmt(rec['torch_reference_samples_per_s'])} | "
                f"{fmt(rec['torch_tuned_samples_per_s'])} ({tuned_name or '-'}) | {ratio(rec['ratio_vs_reference'])} | "
                f"{ratio(rec['ratio_vs_tuned'])} | {load_start[0]:.1f}/{load_end[0]:.1f} | "
-               f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow}"
+               f"xla={args.xla}, fold={not args.no_fold}, pack={args.pack_narrow}, cpu_kernels={args.cpu_kernels_used}"
                f"{old_note}"
                f"{'' if args.skip_torch else f', torch on {args.torch_dev}'} |")
         path = _common.write_result("throughput", rec, row, MD_HEADER)

@@ -168,7 +168,7 @@ class Classifier:
 
 
 def classifier_from_variables(arch, variables, meta, *, dtype="float32", fold=True, pack=False,
-                              checksum=None) -> Classifier:
+                              cpu_kernels="xla", checksum=None) -> Classifier:
     """The classifier ``f(x) = net((x - mean) / std)`` of ``arch`` with ``variables`` (Flax
     ``{'params', 'batch_stats'}``) and ``meta`` (num_classes, input_shape, mean, std, ...).
 
@@ -177,6 +177,9 @@ def classifier_from_variables(arch, variables, meta, *, dtype="float32", fold=Tr
     function up to float rounding). ``pack`` computes narrow 3x3 convolutions width-packed
     (:mod:`rsjax.models.pack`, after folding; the same function up to float rounding); whether
     that is faster depends on the XLA settings: :func:`rsjax.xla.pack_narrow_convs` says.
+    ``cpu_kernels`` (``auto`` | ``onednn`` | ``xla``) routes the convolutions, with their folded
+    BatchNorm, bias, ReLU and residual sum, to oneDNN on a CPU (:mod:`rsjax.kernels.onednn`;
+    replaces packing); the choice is recorded as ``meta["cpu_kernels"]``.
     ``f.variables``, ``f.apply(variables, x)`` (one jitted function per architecture, dtype,
     normalisation and layout, shared by every model of that kind) and ``f.meta`` are attached.
     """
@@ -194,11 +197,22 @@ def classifier_from_variables(arch, variables, meta, *, dtype="float32", fold=Tr
         from rsjax.models.fold import fold_variables
 
         variables, folded = fold_variables(variables)
-    if pack and folded:
+    from rsjax.kernels.onednn import resolve
+
+    onednn = resolve(cpu_kernels)
+    if pack and folded and not onednn:
         from rsjax.models.pack import pack_variables
 
         variables, packed = pack_variables(variables)
-    meta = dict(meta, arch=arch, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed))
+    meta = dict(meta, arch=arch, dtype=dtype, fold_bn=bool(folded), pack_narrow=bool(packed),
+                cpu_kernels="onednn" if onednn else "xla")
+    if onednn:
+        from rsjax.kernels.onednn import onednn_classifier
+
+        f = onednn_classifier(arch, int(meta["num_classes"]), variables, meta["mean"], meta["std"], dtype=dtype,
+                              folded_paths=folded)
+        f.meta = meta
+        return Classifier(f, meta, checksum)
     apply = _jitted_apply(arch, int(meta["num_classes"]), dtype,
                           tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"]), folded,
                           packed)
@@ -210,12 +224,12 @@ def classifier_from_variables(arch, variables, meta, *, dtype="float32", fold=Tr
     return Classifier(f, meta, checksum)
 
 
-def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=False) -> Classifier:
+def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=False, cpu_kernels="xla") -> Classifier:
     """Load a converted model: a :class:`Classifier` (``f, meta = load_classifier(path)`` works).
 
     ``x``: float32 ``(B, H, W, C)`` in [0, 1]; logits: float32 ``(B, num_classes)``; the
     normalisation is inside. ``dtype``, ``fold_bn`` and ``pack_narrow`` as ``dtype``, ``fold`` and
-    ``pack`` of :func:`classifier_from_variables` (packing needs folding; ``rsjax certify`` packs
+    ``pack`` of :func:`classifier_from_variables`, ``cpu_kernels`` as there (packing needs folding; ``rsjax certify`` packs
     where :func:`rsjax.xla.pack_narrow_convs` says it is faster). The variables' checksum
     (``variables_sha256`` in the metadata, when present) and their finiteness are verified:
     :class:`CheckpointError` otherwise.
@@ -251,7 +265,8 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=False) -
     bad = nonfinite_leaves(host)
     if bad:
         raise CheckpointError(f"{path}: variables {', '.join(bad[:3])} hold NaN or infinite values")
-    return classifier_from_variables(arch, host, meta, dtype=dtype, fold=fold_bn, pack=pack_narrow, checksum=checksum)
+    return classifier_from_variables(arch, host, meta, dtype=dtype, fold=fold_bn, pack=pack_narrow,
+                                     cpu_kernels=cpu_kernels, checksum=checksum)
 
 
 @lru_cache(maxsize=None)

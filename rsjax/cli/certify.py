@@ -72,6 +72,9 @@ def add_parser(parser, name):
                         help="directory with the dataset (tensorflow-datasets or the standard files); default: "
                              "tensorflow-datasets, then $RSJAX_DATA_DIR")
     parser.add_argument("--dtype", default="float32", help="network compute dtype: float32 or bfloat16")
+    parser.add_argument("--cpu-kernels", default="xla", choices=("auto", "onednn", "xla"),
+                        help="CPU convolutions: XLA's (default), oneDNN's with fused bias/ReLU/residual "
+                             "(rsjax.kernels.onednn), or auto (oneDNN where it is built and the backend is CPU)")
     parser.add_argument("--overwrite", action="store_true", help="start OUTFILE over instead of resuming it")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a PyTorch CHECKPOINT that the weights-only loader refuses with full unpickling: "
@@ -163,10 +166,17 @@ def plugin_config(kind, chosen, registry, args):
 
 # ------------------------------------------------------------------------------------ model
 
-def load_model(checkpoint, dtype="float32", *, trust=False, log=None):
+def load_model(checkpoint, dtype="float32", *, trust=False, log=None, cpu_kernels="xla"):
     """The :class:`rsjax.classifier.Classifier` of a converted model directory, or of a PyTorch
-    checkpoint converted on the fly (``trust``: see :func:`converters.pytorch.read_checkpoint`)."""
-    from rsjax.classifier import load_classifier
+    checkpoint converted on the fly (``trust``: see :func:`converters.pytorch.read_checkpoint`),
+    BN-folded, width-packed where :func:`rsjax.xla.pack_narrow_convs` says that is faster, with
+    its convolutions in oneDNN or XLA as ``cpu_kernels`` says."""
+    from functools import partial
+
+    from rsjax.classifier import load_classifier as load
+    from rsjax.xla import pack_narrow_convs
+
+    load_classifier = partial(load, pack_narrow=pack_narrow_convs(folded=True), cpu_kernels=cpu_kernels)
 
     path = Path(checkpoint)
     if not path.exists():
@@ -223,7 +233,7 @@ class Run:
             process = initialize(args.coordinator, args.num_processes, args.process_id)
         self.ds = load_dataset(args.dataset, args.split, args.data_dir)
         check_interrupt()
-        self.clf = load_model(args.checkpoint, args.dtype, trust=args.trust_checkpoint)
+        self.clf = load_model(args.checkpoint, args.dtype, trust=args.trust_checkpoint, cpu_kernels=args.cpu_kernels)
         check_interrupt()
         meta = self.clf.meta
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
@@ -241,7 +251,8 @@ class Run:
             indices, self.outfile = host_share(indices, *process), part_path(args.outfile, *process)
         self.columns = tuple(columns)
         self.settings = {"rsjax": args._command, "dataset": args.dataset, "split": args.split,
-                         "model_sha256": self.clf.checksum, "arch": meta.get("arch"), **settings}
+                         "model_sha256": self.clf.checksum, "arch": meta.get("arch"), **settings,
+                         "cpu_kernels": meta.get("cpu_kernels", "xla")}
         info = {"checkpoint": args.checkpoint, "checkpoint_resolved": str(Path(args.checkpoint).resolve())}
         if args.distributed:
             info["part"] = f"{process[0]}of{process[1]}"

@@ -340,7 +340,11 @@ class SmoothReduceRunner:
         c1, bad1 = self.counts(x, corners, sigma, keys_for(self.key, idx, "estimate"), n, aggregates, progress)
         out = {}
         for i, a in enumerate(aggregates):
-            predict, raw, pA_lower = stats.certify_from_counts(c0[i], c1[i], sigma, alpha)
+            # non-finite draws enter as an extra class that never wins the selection (zero count,
+            # last index) but stays in n: they count as draws that did not vote c_A
+            predict, raw, pA_lower = stats.certify_from_counts(np.concatenate([c0[i], 0 * bad0[:, None]], axis=1),
+                                                               np.concatenate([c1[i], bad1[:, None]], axis=1),
+                                                               sigma, alpha)
             out[a] = {
                 "predict": predict,
                 "radius": raw / norm,

@@ -145,35 +145,35 @@ def test_results_do_not_depend_on_batch_size_or_companions(noise, random_patches
     x = rng.uniform(size=(5, 4, 4, 1)).astype(np.float32)
     cfg = SmoothReduceConfig(resize=8, patch_size=6, num_patches=5, noise=noise, random_patches=random_patches,
                              resize_mode="nearest")
-    kw = dict(sigma=0.5, n0=13, n=57, alpha=0.01, key=11, config=cfg)
-    base = smooth_reduce_certify(f, x, batch_size=1000, idx=np.arange(10, 15), **kw)
-    small = smooth_reduce_certify(f, x, batch_size=7, idx=np.arange(10, 15), **kw)  # 1 draw per step
-    alone = smooth_reduce_certify(f, x[3:4], batch_size=7, idx=np.array([13]), **kw)
+    kw = dict(n0=13, n=57, alpha=0.01)
+    big, small = (SmoothReduceRunner(cfg, f, 2, (4, 4, 1), key=11, batch_size=bs) for bs in (1000, 7))
+    idx = np.arange(10, 15)
+    base = big.certify(x, idx, 0.5, **kw)
+    several = small.certify(x, idx, 0.5, **kw)  # one draw per step
+    alone = small.certify(x[3:4], idx[3:4], 0.5, **kw)  # same layout as `several`: no new compilation
     for k in base:
-        np.testing.assert_array_equal(base[k], small[k])
+        np.testing.assert_array_equal(base[k], several[k])
         np.testing.assert_array_equal(base[k][3:4], alone[k])
     assert np.any(base["predict"] >= 0)
-    other_seed = smooth_reduce_certify(f, x, batch_size=1000, idx=np.arange(10, 15), **dict(kw, key=12))
-    assert not np.array_equal(base["pA_lower"], other_seed["pA_lower"])
+    other = big.certify(x, idx + 5, 0.5, **kw)  # other dataset indices: other noise
+    assert not np.array_equal(base["pA_lower"], other["pA_lower"])
 
 
 def test_aggregates_share_draws_and_progress_counts_draws():
     rng = np.random.default_rng(5)
     f = linear2(rng.normal(size=(6, 6, 1)), 0.0)
     x = rng.uniform(size=(3, 4, 4, 1)).astype(np.float32)
-    cfg = SmoothReduceConfig(resize=8, patch_size=6, num_patches=9, resize_mode="nearest")
-    runner = build(cfg, (f, {"num_classes": 2, "input_shape": [4, 4, 1]}), seed=2, batch_size=40)
+    cfg = SmoothReduceConfig(resize=8, patch_size=6, num_patches=9, resize_mode="nearest", aggregate="max")
+    meta = {"num_classes": 2, "input_shape": [4, 4, 1]}
     done = []
-    both = runner.certify_aggregates(x, np.arange(3), 0.3, n0=10, n=90, alpha=0.01, aggregates=("mean", "max"),
-                                     progress=done.append)
+    both = build(cfg, (f, meta), seed=2, batch_size=40).certify_aggregates(
+        x, np.arange(3), 0.3, n0=10, n=90, alpha=0.01, aggregates=("mean", "max"), progress=done.append)
     assert sum(done) == 3 * (10 + 90) and len(done) > 2
-    for a in ("mean", "max"):
-        one = build(dataclasses.replace(cfg, aggregate=a), (f, {"num_classes": 2, "input_shape": [4, 4, 1]}),
-                    seed=2, batch_size=1000).certify(x, np.arange(3), 0.3, n0=10, n=90, alpha=0.01)
-        assert set(one) >= {"predict", "radius", "pA_lower", "nonfinite", *CERTIFIER["columns"]}
-        for k in one:
-            np.testing.assert_array_equal(one[k], both[a][k])
-            assert len(one[k]) == 3
+    one = build(cfg, (f, meta), seed=2, batch_size=1000).certify(x, np.arange(3), 0.3, n0=10, n=90, alpha=0.01)
+    assert set(one) >= {"predict", "radius", "pA_lower", "nonfinite", *CERTIFIER["columns"]}
+    for k in one:
+        np.testing.assert_array_equal(one[k], both["max"][k])
+        assert len(one[k]) == 3
 
 
 def test_nonfinite_draws_give_no_vote():

@@ -190,7 +190,7 @@ def main():
            + f" | {rec['patch_forward_vs_plain_forward']['sr-independent']:.2f} / "
              f"{rec['patch_forward_vs_plain_forward']['sr-shared']:.2f} |")
     header = ("| machine | N | cohen | sr-independent | sr-shared | torch-patchsmooth | patch fwd / plain fwd "
-              "(ind / shared) |\n|---|---|---|---|---|---|---|---|")
+              "(ind / shared) |\n|---|---|---|---|---|---|---|")
     path = write_result("smooth_reduce", rec, row, header)
     print(row)
     print("wrote", path)

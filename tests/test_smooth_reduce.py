@@ -16,8 +16,8 @@ the raw radius sigma Phi^-1(pA_lower) exceeds it far more often, because the res
 x2) and the patch stacking stretch distances.
 """
 
-import dataclasses
 import argparse
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np

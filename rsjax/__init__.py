@@ -10,6 +10,9 @@ Public API (imported lazily so that ``import rsjax`` stays cheap):
   Cohen et al. CERTIFY -> ``(prediction, radius, pA_lower)``.
 - ``predict(f, x, *, sigma, n, alpha, key, idx, batch_size, num_classes, check_range)``:
   Cohen et al. PREDICT -> ``prediction``.
+- ``smooth_reduce_certify(f, x, *, sigma, n0, n, alpha, key, idx, batch_size, config)``:
+  Smooth-Reduce (Joshi et al. 2022) patch smoothing -> dict of per-image columns, with the
+  reference's ``radius_raw`` and the image-space ``radius`` (docs/smooth_reduce.md).
 
 Inputs to ``certify`` / ``predict``: ``x`` must be float images in [0, 1], shaped (M, H, W, C)
 (channels last). Integer images (uint8 0-255) are refused - divide by 255 -, as are NCHW
@@ -29,6 +32,7 @@ _LAZY = {
     "save_classifier": ("rsjax.classifier", "save_classifier"),
     "certify": ("rsjax.core.certify", "certify"),
     "predict": ("rsjax.core.certify", "predict"),
+    "smooth_reduce_certify": ("rsjax.certifiers.smooth_reduce", "smooth_reduce_certify"),
 }
 
 

@@ -43,7 +43,7 @@ class Certifier:
 CERTIFIERS: dict = {}
 
 # modules that register built-in certifiers when imported
-BUILTIN_MODULES: tuple = ()
+BUILTIN_MODULES: tuple = ("rsjax.certifiers.smooth_reduce",)
 
 
 def register(certifier: Certifier) -> Certifier:

@@ -400,8 +400,18 @@ CERTIFIER = dict(
     guarantee=GUARANTEE,
     config=SmoothReduceConfig,
     build=build,
-    columns=("radius_raw", "guarantee", "op_norm", "c_max"),
+    # the runner's per-row ``guarantee`` fills the CLI's guarantee column
+    columns=("radius_raw", "op_norm", "c_max"),
 )
+
+
+def _register():
+    from rsjax.certifiers import Certifier, register
+
+    return register(Certifier(**CERTIFIER))
+
+
+SMOOTH_REDUCE = _register()
 
 __all__ = ["SmoothReduceConfig", "SmoothReduceRunner", "build", "smooth_reduce_certify", "CERTIFIER", "geometry",
            "image_norm", "draw_votes", "make_patch_counter"]

@@ -37,6 +37,7 @@ PURPOSES = {
     "search": 2,  # draws used to choose sigma (QCRS, Insta-RS)
     "optimize": 3,  # reparameterised noise of DDRS's gradient ascent
     "check": 4,  # QCRS safety check draws
+    "train": 5,  # training noise (rsjax train: augmentation, MACER copies, objectives)
 }
 
 

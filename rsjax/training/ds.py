@@ -36,7 +36,10 @@ Each time example i is in a batch (from epoch ``--ds-start-epoch`` on):
 Reference quirks as settings: ``--ds-bn train`` (default) runs the sigma passes with BatchNorm in
 train mode and lets each pass update the running averages, as the reference does (its
 ``model.eval()`` is commented out); ``frozen`` uses the batch statistics but keeps the running
-averages. Bounds default to none. DS starts at ``--ds-start-epoch`` (the reference's
+averages. Bounds default to none. The reference gives copy r = i*k + j of the k training copies the
+sigma of example r mod B (``sigma.repeat((1, k, 1, 1))`` of a 1-D tensor tiles it), so with k > 1
+the copies of an example mostly get other examples' sigmas; ``--ds-copy-sigma example`` (default)
+uses sigma_i for every copy of example i, ``reference`` reproduces the tiling. DS starts at ``--ds-start-epoch`` (the reference's
 ``--epoch-switch``, 0 in both scripts); before it the table stays at sig0_tr and the model trains
 at it (the reference calls ``get_sigma`` with 0 iterations then).
 
@@ -64,6 +67,7 @@ from rsjax.methods.ddrs import SIGMA_FLOOR, surrogate_radius
 from rsjax.training.objectives import Context, LossOutput, Objective, per_example_normal, register
 
 BN_MODES = ("train", "frozen")
+LAYOUTS = ("example", "reference")
 AVERAGES = ("correct", "batch")
 LOG_EPS = 1e-10  # the references' log(p + 1e-10)
 
@@ -76,7 +80,7 @@ class DSConfig:
 
     ds_sigma0: Optional[float] = option(None, "sig0_tr: initial sigma of every training example "
                                               "(none: --sigma; the reference's default is 0.12)")
-    ds_lr: float = option(1e-4, "lr_sig: gradient-ascent step on sigma (reference 1e-4)")
+    ds_lr: float = option(1e-4, "lr_sig: gradient-ascent step on sigma (reference 1e-4; 0 keeps sigma)")
     ds_steps: Optional[int] = option(None, "K_tr = iter_sig_tr: ascent steps per batch (none: 1 for "
                                            "ddrs-gaussian, train_rs.py; 10 for ddrs-macer, train_macer.py)")
     ds_n: Optional[int] = option(None, "gaussian_num_ds: noise draws per ascent step (none: 1 / 64)")
@@ -93,6 +97,10 @@ class DSConfig:
                                                "(none: 1 for ddrs-gaussian, 64 for ddrs-macer)")
     ds_lbd: float = option(12.0, "DS-MACER lambda: weight of the hinge (train_macer.py --lbd 12)")
     ds_gamma: float = option(8.0, "DS-MACER gamma: hinge on the radius (train_macer.py --gam 8)")
+    ds_copy_sigma: str = option("example", "sigma of the k training copies: example (copy j of example i at "
+                                           "sigma_i) or reference (copy r = i*k + j at sigma_(r mod B), what "
+                                           "train_macer.py's sigma.repeat((1, k, 1, 1)) on a 1-D sigma does)",
+                                choices=LAYOUTS)
     ds_macer_average: str = option("correct", "DS-MACER hinge averaged over the correct examples "
                                               "(reference; 0 when none) or over the batch", choices=AVERAGES)
 
@@ -182,12 +190,23 @@ def _updated_sigma(cfg: DSConfig, params, ctx: Context):
                         lo=cfg.ds_sigma_min, hi=cfg.ds_sigma_max, bn=cfg.ds_bn)
 
 
-def noisy_copies(x, sigma, keys, k: int):
-    """x_i + sigma_i eps_ij for j < k, an example's copies adjacent: (B * k, H, W, C); eps from the
-    examples' own keys (the draws of :func:`rsjax.training.objectives.macer_loss`)."""
+def copy_sigmas(sigma, k: int, layout: str = "example"):
+    """The noise level of each of the B * k copies (row r = i * k + j): sigma_i (``example``), or
+    sigma_(r mod B) (``reference``: ``sigma.repeat((1, k, 1, 1)).view(-1, 1, 1, 1)`` of a 1-D sigma in
+    ``CIFAR10/train_macer.py`` tiles the batch's sigmas k times instead of repeating each)."""
+    if layout == "reference":
+        return jnp.tile(sigma, k)
+    return jnp.repeat(sigma, k)
+
+
+def noisy_copies(x, sigma, keys, k: int, layout: str = "example"):
+    """x_i + s_r eps_ij for j < k, an example's copies adjacent (row r = i * k + j): (B * k, H, W, C),
+    s_r from :func:`copy_sigmas`; eps from the examples' own keys (the draws of
+    :func:`rsjax.training.objectives.macer_loss`)."""
     b = x.shape[0]
-    eps = per_example_normal(keys, (k,) + x.shape[1:], x.dtype)
-    return (x[:, None] + sigma[:, None, None, None, None].astype(x.dtype) * eps).reshape((b * k,) + x.shape[1:])
+    eps = per_example_normal(keys, (k,) + x.shape[1:], x.dtype).reshape((b * k,) + x.shape[1:])
+    s = copy_sigmas(sigma, k, layout).astype(x.dtype)
+    return jnp.repeat(x, k, axis=0) + s[:, None, None, None] * eps
 
 
 def smoothed_probs(logits, b: int, k: int):
@@ -238,7 +257,7 @@ def ds_macer_loss(cfg: DSConfig, params, ctx: Context):
     cfg = resolved(cfg, "ddrs-macer")
     sigma, stats = _updated_sigma(cfg, params, ctx)
     b, k = ctx.x.shape[0], cfg.ds_gauss_num
-    logits, stats = ctx.apply_fn(params, stats, noisy_copies(ctx.x, sigma, ctx.keys, k))
+    logits, stats = ctx.apply_fn(params, stats, noisy_copies(ctx.x, sigma, ctx.keys, k, cfg.ds_copy_sigma))
     p = smoothed_probs(logits, b, k)
     nll = _nll(p, ctx.y)
     term, hinge, correct = ds_macer_hinge(p, ctx.y, sigma, gamma=cfg.ds_gamma,

@@ -172,7 +172,7 @@ def _load_plugins():
     """Import optional objective modules that register themselves (data-dependent objectives)."""
     import importlib
 
-    for mod in ("rsjax.training.data_dependent",):
+    for mod in ("rsjax.training.ds", "rsjax.training.instars_train"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

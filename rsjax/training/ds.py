@@ -323,7 +323,9 @@ def write_sigma_table(outdir, epoch: int, sigma, title: str) -> dict:
     return summary
 
 
-def _on_epoch_end(title):
+def sigma_table_epoch_end(title):
+    """``Objective.on_epoch_end`` of an objective with a ``sigma`` table: the files and the log line."""
+
     def on_epoch_end(cfg, epoch: int, example_state: dict, outdir) -> dict:
         summary = write_sigma_table(outdir, epoch, example_state["sigma"], title)
         print(f"sigma_train: mean {summary['sigma_mean']:.5f} min {summary['sigma_min']:.5f} "
@@ -341,8 +343,8 @@ for _name, _loss, _help in (
          "DS-MACER (DDRS): per-example sigma by gradient ascent, then NLL + lambda * radius hinge at it "
          "(CIFAR10/train_macer.py)")):
     register(Objective(_name, DSConfig, _loss, init_example_state=init_sigma_table(lambda c: c.ds_sigma0),
-                       phase=ds_phase, on_epoch_end=_on_epoch_end(_name), help=_help))
+                       phase=ds_phase, on_epoch_end=sigma_table_epoch_end(_name), help=_help))
 
 __all__ = ["DSConfig", "REFERENCE_DEFAULTS", "resolved", "bound_sigma", "ascent_noise", "ascend_sigma",
            "noisy_copies", "smoothed_probs", "ds_macer_hinge", "ds_gaussian_loss", "ds_macer_loss", "ds_phase",
-           "sigma_summary", "write_sigma_table", "init_sigma_table"]
+           "sigma_summary", "write_sigma_table", "sigma_table_epoch_end", "init_sigma_table"]

@@ -2,6 +2,7 @@
 settings the reference lacks, and known truth for the per-example sigma ascent."""
 
 import contextlib
+import sys
 import dataclasses
 import functools
 
@@ -409,3 +410,94 @@ def test_start_epoch_bounds_and_the_floor():
     np.testing.assert_array_equal(down, np.float32(0.05))
     floor = slab_step(big, above, epoch=2, offsets=(0.0, 0.05))  # no bound: still never <= 0
     np.testing.assert_array_equal(floor, np.float32(ds.SIGMA_FLOOR))
+
+
+# ---------------------------------------------------------------------------------- runs of rsjax train
+DS_RUN = ["--method", "ddrs-macer", "--ds-steps", "2", "--ds-n", "2", "--ds-gauss-num", "2", "--ds-lr", "0.05",
+          "--sigma", "0.25"]
+
+
+def test_resume_after_sigkill_restores_the_sigma_table_bit_for_bit(tmp_path):
+    """A DS-MACER run killed with SIGKILL after a mid-epoch checkpoint and rerun ends with the same
+    parameters and the same sigma table, bit for bit, as an uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+
+    from tests._helpers_train import rsjax_cmd, subprocess_env, write_mnist
+
+    data = tmp_path / "mnist"
+    write_mnist(data, n=48, seed=0, prefix="train")
+    env = subprocess_env()
+
+    def cmd(out):
+        return rsjax_cmd("train", "mnist", "lenet", out, "--data-dir", data, "--epochs", "2", "--batch", "8",
+                         "--lr", "0.05", "--checkpoint-every-steps", "2", "--test-split", "train", "--quiet", *DS_RUN)
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cmd(full), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        ck = killed / "checkpoints"
+        steps = [int(p.name) for p in ck.glob("[0-9]*") if p.name.isdigit()] if ck.is_dir() else []
+        if any(s % 6 and s > 6 for s in steps):  # mid-epoch in the second epoch (6 steps per epoch)
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and killed_at < 12, "the run ended before it could be killed mid-epoch"
+    resumed = subprocess.run(cmd(killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a, b = np.load(full / "sigma_train.npy"), np.load(killed / "sigma_train.npy")
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (48,) and np.abs(a - 0.25).max() > 1e-3  # the table really moved
+    from rsjax.classifier import load_classifier
+
+    va = load_classifier(full / "model", fold_bn=False, pack_narrow=False)[0].variables
+    vb = load_classifier(killed / "model", fold_bn=False, pack_narrow=False)[0].variables
+    for x, y in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [__import__("json").loads(ln) for ln in (full / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["sigma_mean"] == pytest.approx(float(a.mean()), rel=1e-6)
+    assert (full / "sigma_train_hist" / "epoch_0002.png").stat().st_size > 1000
+
+
+DEVICES_SCRIPT = r"""
+import sys, numpy as np, jax
+from rsjax.training.trainer import TrainConfig, train
+from rsjax.training.objectives import get_objective
+from rsjax.training import ds
+d, out = sys.argv[1], sys.argv[2]
+assert jax.local_device_count() == 4
+cfg = TrainConfig(method="ddrs-macer", epochs=1, batch=8, lr=0.002, test_split="none", subset="0:40")
+ocfg = ds.DSConfig(ds_steps=2, ds_n=2, ds_gauss_num=2, ds_lr=0.05)
+for n in (4, 1):
+    train("mnist", "lenet", f"{out}/d{n}", cfg, ocfg, data_dir=d, devices=n, progress=False, log=lambda s: None)
+"""
+
+
+def test_four_devices_equal_one_device(tmp_path):
+    """The sigma table sharded over 4 forced CPU devices and on 1: the same table and weights after 5 steps."""
+    import subprocess
+
+    from tests._helpers_train import subprocess_env, write_mnist
+
+    write_mnist(tmp_path / "mnist", n=40, seed=0, prefix="train")
+    script = tmp_path / "run.py"
+    script.write_text(DEVICES_SCRIPT)
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "mnist"), str(tmp_path)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = np.load(tmp_path / "d4" / "sigma_train.npy"), np.load(tmp_path / "d1" / "sigma_train.npy")
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert np.abs(a - 0.25).max() > 1e-3
+    from rsjax.classifier import load_classifier
+
+    va = load_classifier(tmp_path / "d4" / "model", fold_bn=False, pack_narrow=False)[0].variables
+    vb = load_classifier(tmp_path / "d1" / "model", fold_bn=False, pack_narrow=False)[0].variables
+    for x, y in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Real training runs of docs/training.md: MNIST LeNet trained on MNIST *test* images 0-7999 (the only
+# MNIST images available offline), Gaussian augmentation and MACER at sigma 0.25, both with MACER's
+# MNIST hyperparameters (macer-mnist preset: SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64; MACER
+# k=16, lambda 12, gamma 8, beta 16) for a short budget of epochs (this machine: 2 shared CPU cores);
+# then `rsjax certify` at N=10,000 on every 10th test image (the rows 8000-9990 are held out), and
+# the CIFAR-10 ResNet-20 smoke run on the 1017 real test images (train, certify, export).
+# Usage: scripts/train_runs.sh [OUT]   (default out/train_runs)
+set -euo pipefail
+OUT=${1:-out/train_runs}
+DATA=${RSJAX_SHARED_DATA:-../shared/data}
+G_EPOCHS=${G_EPOCHS:-6}
+M_EPOCHS=${M_EPOCHS:-2}
+mkdir -p "$OUT"
+common=(--preset macer-mnist --sigma 0.25 --split test --subset 0:8000 --test-split test --test-subset 8000:10000
+        --data-dir "$DATA/mnist" --quiet)
+python -m rsjax train mnist lenet "$OUT/mnist_gaussian" "${common[@]}" --method gaussian --epochs "$G_EPOCHS" \
+    > "$OUT/mnist_gaussian.out" 2>&1 &
+python -m rsjax train mnist lenet "$OUT/mnist_macer" "${common[@]}" --epochs "$M_EPOCHS" \
+    > "$OUT/mnist_macer.out" 2>&1 &
+wait
+for m in gaussian macer; do
+  python -m rsjax certify mnist "$OUT/mnist_$m/model" 0.25 "$OUT/mnist_${m}_N10000_skip10.tsv" \
+      --N 10000 --skip 10 --data-dir "$DATA/mnist" --no-progress
+done
+# CIFAR-10 ResNet-20 smoke run on the 1017 real test images: the whole path, not a trained model
+python -m rsjax train cifar10 cifar_resnet20 "$OUT/cifar_smoke" --preset cohen-cifar10 --epochs 2 --batch 64 \
+    --split test --subset 0:1000 --test-split test --test-subset 1000:1017 --data-dir "$DATA/cifar10" \
+    --certify-every 1 --certify-subset 1000:1017:1 --certify-n 200 --quiet > "$OUT/cifar_smoke.out" 2>&1
+python -m rsjax export "$OUT/cifar_smoke/model" "$OUT/cifar_smoke.pth.tar" --format cohen --overwrite

@@ -333,21 +333,28 @@ def slab_maximisers(a, lo=0.02, hi=0.98):
     return np.array(out)
 
 
-def run_slab(offsets, idx_seen, sigma0, steps=40):
-    """DS-Gaussian steps on the slab with the network frozen (lr 0): 40 epochs x 25 ascent steps."""
+def frozen_toy(pixels, table, labels=None, idx=None):
+    """(state, batch, tx) for a one-pixel toy network with one dummy weight, lr 0 (the network frozen)."""
     import optax
 
-    objective = get_objective("ddrs-gaussian")
-    cfg = ds.DSConfig(ds_lr=3e-3, ds_steps=25, ds_n=64)
-    x = jnp.asarray((CENTRE + np.asarray(offsets)).reshape(-1, 1, 1, 1), jnp.float32)
+    x = jnp.asarray(np.asarray(pixels).reshape(-1, 1, 1, 1), jnp.float32)
     m = x.shape[0]
     tx = optax.sgd(0.0)
     params = {"w": jnp.zeros(())}
     state = TrainState(params=params, batch_stats={}, opt_state=tx.init(params),
-                       example_state={"sigma": jnp.full(m, sigma0, jnp.float32)},
+                       example_state={"sigma": jnp.broadcast_to(jnp.asarray(table, jnp.float32), (m,))},
                        sums=zero_sums(["loss", "sigma", "correct", "examples"]), step=jnp.int32(0))
-    batch = {"x": x, "y": jnp.zeros(m, jnp.int32), "idx": jnp.asarray(idx_seen, jnp.int32),
+    y = jnp.zeros(m, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+    batch = {"x": x, "y": y, "idx": jnp.asarray(np.arange(m) if idx is None else idx, jnp.int32),
              "row": jnp.arange(m, dtype=jnp.int32)}
+    return state, batch, tx
+
+
+def run_slab(offsets, idx_seen, sigma0, steps=40):
+    """DS-Gaussian steps on the slab with the network frozen (lr 0): 40 epochs x 25 ascent steps."""
+    objective = get_objective("ddrs-gaussian")
+    cfg = ds.DSConfig(ds_lr=3e-3, ds_steps=25, ds_n=64)
+    state, batch, tx = frozen_toy(CENTRE + np.asarray(offsets), sigma0, idx=idx_seen)
     fn = jax.jit(functools.partial(step_fn, objective, cfg, tx, probit_slab, seed=0, sigma=sigma0, num_classes=2,
                                    phase=1))
     for epoch in range(steps):
@@ -379,18 +386,8 @@ def test_known_truth_negative_control_a_misindexed_table_fails_the_check():
 
 def slab_step(cfg, table, epoch, offsets=(0.0, 0.1, 0.2, 0.3)):
     """One DS-Gaussian step on the slab (network frozen); returns the new table."""
-    import optax
-
     objective = get_objective("ddrs-gaussian")
-    x = jnp.asarray((CENTRE + np.asarray(offsets)).reshape(-1, 1, 1, 1), jnp.float32)
-    m = x.shape[0]
-    tx = optax.sgd(0.0)
-    params = {"w": jnp.zeros(())}
-    state = TrainState(params=params, batch_stats={}, opt_state=tx.init(params),
-                       example_state={"sigma": jnp.asarray(table, jnp.float32)},
-                       sums=zero_sums(["loss", "sigma", "correct", "examples"]), step=jnp.int32(0))
-    batch = {"x": x, "y": jnp.zeros(m, jnp.int32), "idx": jnp.arange(m, dtype=jnp.int32),
-             "row": jnp.arange(m, dtype=jnp.int32)}
+    state, batch, tx = frozen_toy(CENTRE + np.asarray(offsets), table)
     new, _ = step_fn(objective, cfg, tx, probit_slab, seed=0, sigma=0.25, num_classes=2,
                      phase=objective.phase(cfg, epoch), state=state, batch=batch, epoch=epoch)
     return np.asarray(new.example_state["sigma"])

@@ -7,14 +7,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from scipy import optimize, stats
 
 from rsjax.errors import RsjaxError
 from rsjax.training import instars_train as it
 from rsjax.training.objectives import get_objective
-from rsjax.training.step import TrainState, step_fn, zero_sums
+from rsjax.training.step import step_fn
+from tests.test_train_ds import frozen_toy
 
 BOUNDARY = 1.0  # half-space on one pixel: class 0 iff v < BOUNDARY
 
@@ -34,15 +34,7 @@ def p_half(n, up):
 def run(cfg, distances, epochs, sigma0=0.25, labels=None):
     """Steps of the instars objective on the half-space, the network frozen; the table per epoch."""
     objective = get_objective("instars")
-    x = jnp.asarray((BOUNDARY - np.asarray(distances)).reshape(-1, 1, 1, 1), jnp.float32)
-    m = x.shape[0]
-    tx = optax.sgd(0.0)
-    params = {"w": jnp.zeros(())}
-    state = TrainState(params=params, batch_stats={}, opt_state=tx.init(params),
-                       example_state={"sigma": jnp.full(m, sigma0, jnp.float32)},
-                       sums=zero_sums(["loss", "sigma", "correct", "examples"]), step=jnp.int32(0))
-    y = jnp.zeros(m, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
-    batch = {"x": x, "y": y, "idx": jnp.arange(m, dtype=jnp.int32), "row": jnp.arange(m, dtype=jnp.int32)}
+    state, batch, tx = frozen_toy(BOUNDARY - np.asarray(distances), sigma0, labels=labels)
     fns = {}
     out = []
     for epoch in range(epochs):

@@ -75,3 +75,15 @@ def test_export_refuses_a_layout_that_would_change_the_function(tmp_path, capsys
     assert "exists (pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "exists.pth").read_bytes() == b"mine"
     assert not (tmp_path / "a.pth").exists()
+
+
+def test_init_from_a_pytorch_checkpoint_is_the_converted_model(shared_data, tmp_path):
+    """--init with the real Cohen-format LeNet: the same variables as `rsjax convert` (weights-only load)."""
+    ckpt = shared_data / "models" / "mnist_lenet_noise0.25" / "checkpoint.pth.tar"
+    got = init_variables("lenet", 10, 0, str(ckpt))
+    convert_checkpoint(ckpt, tmp_path / "conv", log=lambda s: None)
+    f, _ = load_classifier(tmp_path / "conv", fold_bn=False, pack_narrow=False)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(dict(f.variables))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(RsjaxError, match="a lenet with 10 classes, but this run trains a cifar_resnet20"):
+        init_variables("cifar_resnet20", 10, 0, str(ckpt))

@@ -258,3 +258,19 @@ def test_macer_preset_resolves_and_records_settings(mnist_dir):
     # Cohen's StepLR(30, 0.1) stepped with the 0-based epoch
     np.testing.assert_allclose([float(lr_at_epoch(e, lr=0.1, schedule="step:30", gamma=0.1, epochs=90))
                                 for e in (0, 29, 30, 89)], [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def test_outdir_of_other_settings_is_refused_and_kept(tmp_path):
+    from rsjax.training.trainer import SETTINGS_FILE, prepare_outdir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"dataset": "mnist", "batch": 64, "lr": 0.01, "epochs": 5}
+    (out / SETTINGS_FILE).write_text(json.dumps(old))
+    (out / "log.txt").write_text("rows")
+    assert prepare_outdir(out, dict(old, epochs=9), overwrite=False) is True  # more epochs: resume
+    with pytest.raises(RsjaxError, match="other settings .*batch: 64 there, 32 now"):
+        prepare_outdir(out, dict(old, batch=32), overwrite=False)
+    assert (out / "log.txt").read_text() == "rows"
+    assert prepare_outdir(out, dict(old, batch=32), overwrite=True) is False
+    assert not (out / "log.txt").exists()

@@ -170,5 +170,100 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------ data-dependent objectives (DS, Insta-RS)
+def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
+    """A jitted rsjax step of ``method`` with its per-example sigma table (rows = the batch), phase 1."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from rsjax.models import build_model, input_shape
+    from rsjax.training import step as S
+    from rsjax.training.objectives import get_objective
+
+    shape = input_shape(arch)
+    model = build_model(arch, 10)
+    v = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
+    obj = get_objective(method)
+    c = shape[-1]
+    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32))
+    tx = S.make_optimizer(lr=0.01, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=100, momentum=0.9,
+                          weight_decay=5e-4)
+    params, bs = v["params"], v.get("batch_stats", {})
+    table = {k: jnp.asarray(a) for k, a in obj.init_example_state(obj_cfg, batch, sigma).items()}
+    names = S.metric_names(obj, obj_cfg, apply, num_classes=10, x_shape=(batch,) + shape, example_state=table,
+                           params=params, batch_stats=bs)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state=table,
+                         sums=S.zero_sums(names), step=jnp.int32(0))
+    state = jax.device_put(state, S.state_shardings(mesh, state))
+    step = S.make_train_step(obj, obj_cfg, tx, apply, mesh, state, seed=0, sigma=sigma, num_classes=10)
+    rng = np.random.default_rng(0)
+    b = {"x": rng.random((batch,) + shape, dtype=np.float32), "y": rng.integers(0, 10, batch).astype(np.int32),
+         "idx": np.arange(batch, dtype=np.int32), "row": np.arange(batch, dtype=np.int32)}
+    b = jax.device_put(b, S.batch_sharding(mesh))
+    box = [state]
+    phase = obj.phase(obj_cfg, 10 ** 6)
+
+    def run():
+        box[0], sums = step(box[0], b, np.int32(0), phase)
+        jax.block_until_ready(sums)
+
+    return run
+
+
+def data_dependent_main(argv=None):
+    """Cost of DS-Gaussian, DS-MACER and Insta-RS Train steps over the plain step on the same model and
+    batch (rsjax only, interleaved): ``python benchmarks/train_throughput.py data-dependent --model lenet``.
+    The bound of the issue: the DS sigma update should cost less than K_tr extra forward-backward passes
+    per example, i.e. ds_time < (1 + K_tr * n) * gaussian_time for DS-Gaussian (k = 1)."""
+    p = argparse.ArgumentParser(description=data_dependent_main.__doc__.splitlines()[0])
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--ds-steps", type=int, default=5)
+    p.add_argument("--ds-n", type=int, default=1)
+    p.add_argument("--instars-n", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    args = p.parse_args(argv)
+    from rsjax.training.ds import DSConfig
+    from rsjax.training.instars_train import InstaRSTrainConfig
+    from rsjax.training.objectives import get_objective
+
+    runs = {
+        "gaussian": data_dependent_stepper(args.model, "gaussian", args.batch, get_objective("gaussian").config()),
+        "ddrs-gaussian": data_dependent_stepper(args.model, "ddrs-gaussian", args.batch,
+                                                DSConfig(ds_steps=args.ds_steps, ds_n=args.ds_n)),
+        "instars": data_dependent_stepper(args.model, "instars", args.batch,
+                                          InstaRSTrainConfig(instars_stage1_epochs=0, instars_n=args.instars_n)),
+    }
+    for run in runs.values():
+        run(), run()  # compilation
+    reps = []
+    for _ in range(args.reps):
+        reps.append({name: timed(run, args.steps) for name, run in runs.items()})
+        print({k: f"{args.batch / v:.1f} img/s" for k, v in reps[-1].items()}, flush=True)
+    med = {k: statistics.median(r[k] for r in reps) for k in runs}
+    rec = {**machine(), "versions": versions(), "model": args.model, "batch": args.batch, "dtype": "float32",
+           "ds_steps": args.ds_steps,
+           "ds_n": args.ds_n, "instars_n": args.instars_n, "reps": reps, "step_s": med,
+           "ratio_to_gaussian": {k: med[k] / med["gaussian"] for k in med},
+           "ds_bound_ratio": 1 + args.ds_steps * args.ds_n, "load_avg": os.getloadavg(), "shared_machine": args.shared}
+    header = ("| model | batch | K_tr x n | gaussian img/s | DS-Gaussian img/s (x cost) | bound 1 + K_tr n | "
+              "Insta-RS img/s (x cost) | load | shared |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    r = rec["ratio_to_gaussian"]
+    row = (f"| {args.model} | {args.batch} | {args.ds_steps} x {args.ds_n} | {args.batch / med['gaussian']:.0f} | "
+           f"{args.batch / med['ddrs-gaussian']:.0f} ({r['ddrs-gaussian']:.2f}x) | {rec['ds_bound_ratio']} | "
+           f"{args.batch / med['instars']:.0f} ({r['instars']:.2f}x) | {rec['load_avg'][0]:.1f} | "
+           f"{'yes' if args.shared else 'no'} |")
+    path = write_result("train_throughput_data_dependent", rec, row, header)
+    print(row)
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["data-dependent"]:
+        data_dependent_main(sys.argv[2:])
+    else:
+        main()

@@ -72,8 +72,8 @@ class TrainConfig:
                                 "MACER and MNIST: none), meanstd, center, none",
                                 choices=("auto", "meanstd", "center", "none"))
     init: Optional[str] = option(None, "initial weights: an rsjax model directory or a PyTorch checkpoint")
-    test_split: Optional[str] = option(None, "split of the per-epoch test loss (default: test when training "
-                                       "on train, none otherwise)", choices=("train", "test", "none"))
+    test_split: str = option("auto", "split of the per-epoch test loss (auto: test when training on train, "
+                             "none otherwise)", choices=("auto", "train", "test", "none"))
     test_subset: str = option(":", "START:STOP of the test split")
     test_batch: int = option(1000, "batch of the per-epoch test loop")
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: epoch ends only)")
@@ -405,7 +405,7 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
     data = load_train_data(dataset, cfg.split, data_dir, cfg.subset)
     if len(data) < nd:
         raise RsjaxError(f"--subset selects {len(data)} images, fewer than the {nd} devices")
-    test_split = cfg.test_split or ("test" if cfg.split == "train" else "none")
+    test_split = cfg.test_split if cfg.test_split != "auto" else ("test" if cfg.split == "train" else "none")
     test = None
     if test_split != "none":
         from rsjax.data import load_dataset

@@ -18,7 +18,7 @@ import sys
 from rsjax.errors import RsjaxError
 
 # subcommands that run models on the device: they get rsjax.xla's settings
-DEVICE_COMMANDS = ("certify", "predict")
+DEVICE_COMMANDS = ("certify", "predict", "train")
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "predict": ("rsjax.cli.certify", "predict with a smoothed classifier on a dataset (Cohen PREDICT)"),
     "analyze": ("rsjax.cli.analyze", "certified accuracy, ACR, tables and plots from certification outputs"),
     "merge": ("rsjax.cli.merge", "merge per-host certification parts into one Cohen TSV"),
+    "train": ("rsjax.cli.train", "train a base classifier with Gaussian augmentation or MACER (exact resume, all devices)"),
+    "export": ("rsjax.cli.export", "export an rsjax model as a PyTorch checkpoint (Cohen or MACER layout)"),
 }
 
 

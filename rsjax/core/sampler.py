@@ -52,6 +52,7 @@ PURPOSES = {
     "optimize": 3,  # reparameterised noise of DDRS's gradient ascent
     "check": 4,  # QCRS safety check draws
     "patches": 5,  # Smooth-Reduce's random patch corners (drawn once per image)
+    "train": 6,  # training noise (rsjax train: augmentation, MACER copies, objectives)
 }
 
 

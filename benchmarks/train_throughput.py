@@ -1,0 +1,269 @@
+"""Training images per second of one step: rsjax vs PyTorch doing the reference's step.
+
+Gaussian augmentation = locuslab/smoothing ``code/train.py`` (noise, forward, cross-entropy,
+``SGD(momentum, weight_decay)`` step); MACER = RuntianZ/macer ``macer.py`` (k noisy copies, the two
+loss terms, SGD step). Same architecture, batch, machine; repetitions interleaved (rsjax, PyTorch,
+rsjax, ...), each the median of ``--steps`` timed steps after warm-up. An image is one training
+example (MACER's k copies count once). Writes benchmarks/results/train_throughput_*.json and a row of
+benchmarks/results/train_throughput.md.
+
+    python benchmarks/train_throughput.py --model cifar_resnet110 --method macer --batch 64 --k 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import device_label, machine, torch_device, versions, write_result  # noqa: E402
+
+
+def rsjax_stepper(arch, method, batch, k, sigma=0.25):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from rsjax.models import build_model, input_shape
+    from rsjax.training import step as S
+    from rsjax.training.objectives import MacerConfig, get_objective
+
+    shape = input_shape(arch)
+    model = build_model(arch, 10)
+    v = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
+    obj = get_objective(method)
+    cfg = MacerConfig(gauss_num=k) if method == "macer" else obj.config()
+    c = shape[-1]
+    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32))
+    tx = S.make_optimizer(lr=0.01, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=100, momentum=0.9,
+                          weight_decay=5e-4)
+    params, bs = v["params"], v.get("batch_stats", {})
+    names = S.metric_names(obj, cfg, apply, num_classes=10, x_shape=(batch,) + shape, example_state={}, params=params,
+                           batch_stats=bs)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state={},
+                         sums=S.zero_sums(names), step=jnp.int32(0))
+    state = jax.device_put(state, S.state_shardings(mesh, state))
+    step = S.make_train_step(obj, cfg, tx, apply, mesh, state, seed=0, sigma=sigma, num_classes=10)
+    rng = np.random.default_rng(0)
+    b = {"x": rng.random((batch,) + shape, dtype=np.float32), "y": rng.integers(0, 10, batch).astype(np.int32),
+         "idx": np.arange(batch, dtype=np.int32), "row": np.arange(batch, dtype=np.int32)}
+    b = jax.device_put(b, S.batch_sharding(mesh))
+    box = [state]
+
+    def run():
+        box[0], sums = step(box[0], b, np.int32(0))
+        jax.block_until_ready(sums)
+
+    return run
+
+
+def torch_stepper(arch, method, batch, k, device, sigma=0.25):
+    import torch
+    import torch.nn.functional as F
+    from torch.distributions.normal import Normal
+
+    from converters.torch_reference import build_net
+    from rsjax.models import input_shape
+
+    h, w, c = input_shape(arch)
+    net = build_net(arch, 10).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    inputs0 = torch.rand(batch, c, h, w, device=device)
+    targets = torch.randint(0, 10, (batch,), device=device)
+    criterion = torch.nn.CrossEntropyLoss()
+    m = Normal(torch.tensor([0.0], device=device), torch.tensor([1.0], device=device))
+
+    def cohen():
+        inputs = inputs0 + torch.randn_like(inputs0, device=device) * sigma
+        loss = criterion(net(inputs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def macer(lbd=12.0, beta=16.0, gamma=8.0):
+        input_size = len(inputs0)
+        new_shape = [input_size * k] + list(inputs0[0].shape)
+        inputs = inputs0.repeat((1, k, 1, 1)).view(new_shape)
+        noisy_inputs = inputs + torch.randn_like(inputs, device=device) * sigma
+        outputs = net(noisy_inputs).reshape((input_size, k, 10))
+        outputs_softmax = F.softmax(outputs, dim=2).mean(1)
+        classification_loss = F.nll_loss(torch.log(outputs_softmax + 1e-10), targets, reduction='sum')
+        beta_outputs_softmax = F.softmax(outputs * beta, dim=2).mean(1)
+        top2_score, top2_idx = torch.topk(beta_outputs_softmax, 2)
+        indices_correct = (top2_idx[:, 0] == targets)
+        out0, out1 = top2_score[indices_correct, 0], top2_score[indices_correct, 1]
+        robustness_loss = m.icdf(out1) - m.icdf(out0)
+        indices = ~torch.isnan(robustness_loss) & ~torch.isinf(robustness_loss) & (torch.abs(robustness_loss) <= gamma)
+        out0, out1 = out0[indices], out1[indices]
+        robustness_loss = (m.icdf(out1) - m.icdf(out0) + gamma).sum() * sigma / 2
+        loss = (classification_loss + lbd * robustness_loss) / input_size
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    fn = macer if method == "macer" else cohen
+
+    def run():
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def timed(run, steps):
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cifar_resnet20")
+    p.add_argument("--method", default="gaussian", choices=("gaussian", "macer"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--k", type=int, default=16, help="MACER noisy copies")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--torch-device", default="auto")
+    p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    args = p.parse_args(argv)
+    import torch
+
+    dev = torch_device(args.torch_device)
+    if dev == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    rs = rsjax_stepper(args.model, args.method, args.batch, args.k)
+    pt = torch_stepper(args.model, args.method, args.batch, args.k, dev)
+    for _ in range(2):  # warm-up / compilation
+        rs()
+        pt()
+    reps = []
+    for r in range(args.reps):
+        a, b = timed(rs, args.steps), timed(pt, args.steps)
+        reps.append({"rsjax_s": a, "torch_s": b})
+        print(f"rep {r}: rsjax {args.batch / a:.1f} img/s, torch {args.batch / b:.1f} img/s", flush=True)
+    rs_ips = statistics.median(args.batch / x["rsjax_s"] for x in reps)
+    pt_ips = statistics.median(args.batch / x["torch_s"] for x in reps)
+    rec = {**machine(), "versions": versions(), "model": args.model, "method": args.method, "batch": args.batch,
+           "k": args.k if args.method == "macer" else None, "dtype": "float32", "reps": reps,
+           "rsjax_images_per_s": rs_ips, "torch_images_per_s": pt_ips, "speedup": rs_ips / pt_ips,
+           "torch_device": dev, "load_avg": os.getloadavg(), "shared_machine": args.shared, "steps": args.steps}
+    header = ("| model | method | batch | k | device | rsjax img/s | PyTorch img/s | speedup | load | shared |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    row = (f"| {args.model} | {args.method} | {args.batch} | {rec['k'] or ''} | {device_label(rec)} | {rs_ips:.1f} | "
+           f"{pt_ips:.1f} | {rs_ips / pt_ips:.2f}x | {rec['load_avg'][0]:.1f} | {'yes' if args.shared else 'no'} |")
+    path = write_result("train_throughput", rec, row, header)
+    print(row)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------ data-dependent objectives (DS, Insta-RS)
+def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
+    """A jitted rsjax step of ``method`` with its per-example sigma table (rows = the batch), phase 1."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from rsjax.models import build_model, input_shape
+    from rsjax.training import step as S
+    from rsjax.training.objectives import get_objective
+
+    shape = input_shape(arch)
+    model = build_model(arch, 10)
+    v = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
+    obj = get_objective(method)
+    c = shape[-1]
+    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32))
+    tx = S.make_optimizer(lr=0.01, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=100, momentum=0.9,
+                          weight_decay=5e-4)
+    params, bs = v["params"], v.get("batch_stats", {})
+    table = {k: jnp.asarray(a) for k, a in obj.init_example_state(obj_cfg, batch, sigma).items()}
+    names = S.metric_names(obj, obj_cfg, apply, num_classes=10, x_shape=(batch,) + shape, example_state=table,
+                           params=params, batch_stats=bs)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state=table,
+                         sums=S.zero_sums(names), step=jnp.int32(0))
+    state = jax.device_put(state, S.state_shardings(mesh, state))
+    step = S.make_train_step(obj, obj_cfg, tx, apply, mesh, state, seed=0, sigma=sigma, num_classes=10)
+    rng = np.random.default_rng(0)
+    b = {"x": rng.random((batch,) + shape, dtype=np.float32), "y": rng.integers(0, 10, batch).astype(np.int32),
+         "idx": np.arange(batch, dtype=np.int32), "row": np.arange(batch, dtype=np.int32)}
+    b = jax.device_put(b, S.batch_sharding(mesh))
+    box = [state]
+    phase = obj.phase(obj_cfg, 10 ** 6)
+
+    def run():
+        box[0], sums = step(box[0], b, np.int32(0), phase)
+        jax.block_until_ready(sums)
+
+    return run
+
+
+def data_dependent_main(argv=None):
+    """Cost of DS-Gaussian, DS-MACER and Insta-RS Train steps over the plain step on the same model and
+    batch (rsjax only, interleaved): ``python benchmarks/train_throughput.py data-dependent --model lenet``.
+    The bound of the issue: the DS sigma update should cost less than K_tr extra forward-backward passes
+    per example, i.e. ds_time < (1 + K_tr * n) * gaussian_time for DS-Gaussian (k = 1)."""
+    p = argparse.ArgumentParser(description=data_dependent_main.__doc__.splitlines()[0])
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--ds-steps", type=int, default=5)
+    p.add_argument("--ds-n", type=int, default=1)
+    p.add_argument("--instars-n", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    args = p.parse_args(argv)
+    from rsjax.training.ds import DSConfig
+    from rsjax.training.instars_train import InstaRSTrainConfig
+    from rsjax.training.objectives import get_objective
+
+    runs = {
+        "gaussian": data_dependent_stepper(args.model, "gaussian", args.batch, get_objective("gaussian").config()),
+        "ddrs-gaussian": data_dependent_stepper(args.model, "ddrs-gaussian", args.batch,
+                                                DSConfig(ds_steps=args.ds_steps, ds_n=args.ds_n)),
+        "instars": data_dependent_stepper(args.model, "instars", args.batch,
+                                          InstaRSTrainConfig(instars_stage1_epochs=0, instars_n=args.instars_n)),
+    }
+    for run in runs.values():
+        run(), run()  # compilation
+    reps = []
+    for _ in range(args.reps):
+        reps.append({name: timed(run, args.steps) for name, run in runs.items()})
+        print({k: f"{args.batch / v:.1f} img/s" for k, v in reps[-1].items()}, flush=True)
+    med = {k: statistics.median(r[k] for r in reps) for k in runs}
+    rec = {**machine(), "versions": versions(), "model": args.model, "batch": args.batch, "dtype": "float32",
+           "ds_steps": args.ds_steps,
+           "ds_n": args.ds_n, "instars_n": args.instars_n, "reps": reps, "step_s": med,
+           "ratio_to_gaussian": {k: med[k] / med["gaussian"] for k in med},
+           "ds_bound_ratio": 1 + args.ds_steps * args.ds_n, "load_avg": os.getloadavg(), "shared_machine": args.shared}
+    header = ("| model | batch | K_tr x n | gaussian img/s | DS-Gaussian img/s (x cost) | bound 1 + K_tr n | "
+              "Insta-RS img/s (x cost) | load | shared |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    r = rec["ratio_to_gaussian"]
+    row = (f"| {args.model} | {args.batch} | {args.ds_steps} x {args.ds_n} | {args.batch / med['gaussian']:.0f} | "
+           f"{args.batch / med['ddrs-gaussian']:.0f} ({r['ddrs-gaussian']:.2f}x) | {rec['ds_bound_ratio']} | "
+           f"{args.batch / med['instars']:.0f} ({r['instars']:.2f}x) | {rec['load_avg'][0]:.1f} | "
+           f"{'yes' if args.shared else 'no'} |")
+    path = write_result("train_throughput_data_dependent", rec, row, header)
+    print(row)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["data-dependent"]:
+        data_dependent_main(sys.argv[2:])
+    else:
+        main()

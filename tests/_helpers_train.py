@@ -52,3 +52,25 @@ def rsjax_cmd(*args):
 
 def subprocess_env(**extra):
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", **extra}
+
+
+def kill_mid_epoch(cmd, outdir, env, is_target, timeout=300):
+    """Start ``cmd`` (an ``rsjax train`` into ``outdir``), SIGKILL it as soon as a checkpoint step
+    with ``is_target(step)`` exists, and return the largest step then on disk (None: it ended first)."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    ck = Path(outdir) / "checkpoints"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed_at = time.time() + timeout, None
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in ck.glob("[0-9]*") if p.name.isdigit()] if ck.is_dir() else []
+        if any(is_target(s) for s in steps):
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return killed_at

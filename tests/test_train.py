@@ -1,9 +1,7 @@
 """``rsjax train`` end to end: data, determinism, exact resume after SIGKILL, devices, bad input."""
 
 import json
-import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ from rsjax.cli import main
 from rsjax.errors import DataError, RsjaxError
 from rsjax.training.data import Pipeline, crop_flip, load_train_data
 from rsjax.training.trainer import TrainConfig, train
-from tests._helpers_train import rsjax_cmd, subprocess_env, write_cifar, write_idx, write_mnist
+from tests._helpers_train import kill_mid_epoch, rsjax_cmd, subprocess_env, write_cifar, write_idx, write_mnist
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +112,8 @@ def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path):
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(cmd(full), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        steps = [int(p.name) for p in (killed / "checkpoints").glob("[0-9]*") if p.name.isdigit()] \
-            if (killed / "checkpoints").is_dir() else []
-        if any(s % 24 for s in steps):  # a mid-epoch checkpoint (24 steps per epoch)
-            proc.send_signal(signal.SIGKILL)
-            killed_at = max(steps)
-            break
-        time.sleep(0.02)
-    proc.wait()
+    # a mid-epoch checkpoint (24 steps per epoch)
+    killed_at = kill_mid_epoch(cmd(killed), killed, env, lambda s: s % 24 != 0)
     assert killed_at is not None and killed_at < 72, "the run ended before it could be killed mid-epoch"
     resumed = subprocess.run(cmd(killed), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

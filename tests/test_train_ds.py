@@ -421,7 +421,7 @@ def test_resume_after_sigkill_restores_the_sigma_table_bit_for_bit(tmp_path):
     import subprocess
     import time
 
-    from tests._helpers_train import rsjax_cmd, subprocess_env, write_mnist
+    from tests._helpers_train import kill_mid_epoch, rsjax_cmd, subprocess_env, write_mnist
 
     data = tmp_path / "mnist"
     write_mnist(data, n=48, seed=0, prefix="train")
@@ -433,17 +433,8 @@ def test_resume_after_sigkill_restores_the_sigma_table_bit_for_bit(tmp_path):
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(cmd(full), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed_at = time.time() + 300, None
-    while time.time() < deadline and proc.poll() is None:
-        ck = killed / "checkpoints"
-        steps = [int(p.name) for p in ck.glob("[0-9]*") if p.name.isdigit()] if ck.is_dir() else []
-        if any(s % 6 and s > 6 for s in steps):  # mid-epoch in the second epoch (6 steps per epoch)
-            proc.send_signal(signal.SIGKILL)
-            killed_at = max(steps)
-            break
-        time.sleep(0.02)
-    proc.wait()
+    # mid-epoch in the second epoch (6 steps per epoch)
+    killed_at = kill_mid_epoch(cmd(killed), killed, env, lambda s: s % 6 != 0 and s > 6)
     assert killed_at is not None and killed_at < 12, "the run ended before it could be killed mid-epoch"
     resumed = subprocess.run(cmd(killed), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.pytorch import DATASETS, flax_path_to_torch_key
+from converters.pytorch import COHEN_NORMALIZATION, flax_path_to_torch_key
+from rsjax.data.datasets import DATASET_INFO
 from rsjax.errors import RsjaxError
 
 FORMATS = ("cohen", "macer")
@@ -56,13 +57,13 @@ def check_normalization(meta: dict, fmt: str):
         raise RsjaxError(f"--format macer has no normaliser, but this model normalises its input ({norm}); "
                          "export it with --format cohen")
     if fmt == "cohen":
-        want = DATASETS.get(meta["dataset"], {}).get("cohen_normalization", "meanstd")
+        want = COHEN_NORMALIZATION.get(meta["dataset"], "meanstd")
         if norm != want:
             raise RsjaxError(f"--format cohen implies {want} normalisation on {meta['dataset']}, but this model has "
                              f"{norm}" + ("; export it with --format macer" if norm == "none" else ""))
         if want == "meanstd":
-            ref = DATASETS[meta["dataset"]]
-            if not (np.allclose(meta["mean"], ref["mean"]) and np.allclose(meta["std"], ref["std"])):
+            ref = DATASET_INFO[meta["dataset"]]
+            if not (np.allclose(meta["mean"], ref.mean) and np.allclose(meta["std"], ref.std)):
                 raise RsjaxError(f"--format cohen implies {meta['dataset']}'s mean/std, the model has "
                                  f"{meta['mean']} / {meta['std']}")
 

@@ -105,10 +105,15 @@ def image_keys(seed, idx, purpose="estimate"):
     """
     from rsjax.errors import RsjaxError
 
-    raw = np.asarray(idx)
-    if raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0 or raw.max() >= MAX_INDEX):
-        raise RsjaxError(f"dataset indices must be integers in [0, 2**32), got {raw.reshape(-1)[0] if not np.issubdtype(raw.dtype, np.integer) else (raw.min() if raw.min() < 0 else raw.max())}")
-    idx = jnp.asarray(raw.astype(np.uint32))
+    if isinstance(idx, jax.core.Tracer):  # inside jit (training): the caller's indices, checked where they are made
+        idx = idx.astype(jnp.uint32)
+    else:
+        raw = np.asarray(idx)
+        if raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0 or raw.max() >= MAX_INDEX):
+            bad = raw.reshape(-1)[0] if not np.issubdtype(raw.dtype, np.integer) else (
+                raw.min() if raw.min() < 0 else raw.max())
+            raise RsjaxError(f"dataset indices must be integers in [0, 2**32), got {bad}")
+        idx = jnp.asarray(raw.astype(np.uint32))
     base = base_key(seed)
     pid = purpose_id(purpose)
 

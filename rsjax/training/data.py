@@ -39,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from rsjax.data.datasets import DATASETS, IMAGENET_EXTENSIONS
+from rsjax.data.datasets import DATASET_INFO, IMAGENET_EXTENSIONS
 from rsjax.errors import DataError, RsjaxError
 
 AUGMENTATIONS = {"mnist": "none", "cifar10": "crop_flip", "imagenet": "resized_crop_flip"}
@@ -165,9 +165,9 @@ def random_resized_crop_flip(path, rng, size: int = 224, scale=(0.08, 1.0), rati
 
 def load_train_data(name: str, split: str = "train", data_dir=None, subset: Optional[str] = None) -> TrainData:
     """The examples to train on (module doc); DataError naming the files expected when none exist."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    num_classes, shape = DATASETS[name][0], tuple(DATASETS[name][1])
+    if name not in DATASET_INFO:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_INFO)}")
+    num_classes, shape = DATASET_INFO[name].num_classes, tuple(DATASET_INFO[name].input_shape)
     if name == "imagenet":
         files, labels, source = _imagenet_files(split, data_dir)
         start, stop = parse_subset(subset, len(files))

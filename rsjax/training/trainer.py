@@ -368,7 +368,7 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
     import jax.numpy as jnp
     from jax.sharding import Mesh
 
-    from rsjax.data.datasets import DATASETS
+    from rsjax.data.datasets import DATASET_INFO
     from rsjax.models import ARCHS, build_model
     from rsjax.training import step as S
     from rsjax.training.data import Pipeline, eval_batches, load_train_data, parse_subset
@@ -380,12 +380,13 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
         objective_cfg = objective.config()
     if not isinstance(objective_cfg, objective.config):
         raise RsjaxError(f"method {cfg.method!r} takes a {objective.config.__name__}, got {type(objective_cfg).__name__}")
-    if dataset not in DATASETS:
-        raise RsjaxError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset not in DATASET_INFO:
+        raise RsjaxError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_INFO)}")
     if arch not in ARCHS:
         raise RsjaxError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    if tuple(ARCHS[arch][1]) != tuple(DATASETS[dataset][1]):
-        raise RsjaxError(f"{arch} takes {ARCHS[arch][1]} inputs, {dataset} images are {DATASETS[dataset][1]}")
+    if tuple(ARCHS[arch].input_shape) != tuple(DATASET_INFO[dataset].input_shape):
+        raise RsjaxError(f"{arch} takes {ARCHS[arch].input_shape} inputs, {dataset} images are "
+                         f"{DATASET_INFO[dataset].input_shape}")
     pc, pi = jax.process_count(), jax.process_index()
     if devices is not None:
         if pc > 1:
@@ -399,7 +400,7 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
     if cfg.batch % nd:
         raise RsjaxError(f"--batch {cfg.batch} is not divisible by the {nd} devices; use a multiple of {nd} "
                          f"(or --devices)")
-    num_classes = DATASETS[dataset][0]
+    num_classes = DATASET_INFO[dataset].num_classes
 
     # --- everything that can fail on the user's input, before anything is written
     data = load_train_data(dataset, cfg.split, data_dir, cfg.subset)

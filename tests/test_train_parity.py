@@ -42,7 +42,10 @@ def assert_same_variables(variables, net, rtol=1e-5, atol=1e-6):
     sd = net.state_dict()
     for p, a in traverse_util.flatten_dict(dict(variables)).items():
         ref = _to_flax_layout(sd[flax_path_to_torch_key(p)].detach().numpy(), p[-1])
-        np.testing.assert_allclose(np.asarray(a), ref, rtol=rtol, atol=atol, err_msg="/".join(p))
+        # relative to the tensor's scale: float32 sums in another order differ by ~1e-6 of it, which is
+        # far more than 1e-5 of an element near zero
+        np.testing.assert_allclose(np.asarray(a), ref, rtol=rtol, atol=max(atol, rtol * float(np.abs(ref).max())),
+                                   err_msg="/".join(p))
 
 
 def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std):

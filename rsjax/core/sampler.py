@@ -51,8 +51,8 @@ PURPOSES = {
     "search": 2,  # draws used to choose sigma (QCRS, Insta-RS)
     "optimize": 3,  # reparameterised noise of DDRS's gradient ascent
     "check": 4,  # QCRS safety check draws
-    "patches": 5,  # Smooth-Reduce's random patch corners (drawn once per image)
-    "train": 6,  # training noise (rsjax train: augmentation, MACER copies, objectives)
+    "train": 5,  # training noise (rsjax train: augmentation, MACER copies, objectives)
+    "patches": 6,  # Smooth-Reduce's random patch corners (drawn once per image)
 }
 
 

@@ -39,6 +39,22 @@ _REQUIRED = ("arch", "dataset", "num_classes", "input_shape", "mean", "std")
 _DTYPES = ("float32", "bfloat16")
 
 
+def _local_checkpointer():
+    """An orbax checkpointer that reads or writes host numpy arrays from this process alone.
+
+    A model directory holds host arrays, written by one process (``rsjax train``'s process 0 in a
+    ``jax.distributed`` job) or read by each on its own; orbax's default multi-process barriers
+    would wait for processes that never join, so the active set is this process only."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    k = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=k, active_processes={k}, barrier_sync_key_prefix=f"rsjax_local_{k}"))
+
+
 def save_classifier(out_dir, variables, meta, *, overwrite=False):
     """Write ``variables`` (nested dict of arrays) and ``meta`` to the directory ``out_dir``.
 
@@ -71,7 +87,7 @@ def save_classifier(out_dir, variables, meta, *, overwrite=False):
             raise RsjaxError(f"{out_dir}: not an rsjax model directory; refusing to overwrite it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
+    with _local_checkpointer() as ckpt:
         ckpt.save(out_dir / VARIABLES_DIR, tree)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
@@ -251,7 +267,7 @@ def load_classifier(path, *, dtype="float32", fold_bn=True, pack_narrow=False, c
         jax.random.PRNGKey(0), jnp.zeros((1,) + input_shape(arch))))
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), dict(target))
     try:
-        with ocp.StandardCheckpointer() as ckpt:
+        with _local_checkpointer() as ckpt:
             restored = ckpt.restore(path / VARIABLES_DIR, target)
     except Exception as e:  # noqa: BLE001 - one line for any corrupt/mismatching checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -262,3 +262,91 @@ def test_outdir_of_other_settings_is_refused_and_kept(tmp_path):
     assert (out / "log.txt").read_text() == "rows"
     assert prepare_outdir(out, dict(old, batch=32), overwrite=True) is False
     assert not (out / "log.txt").exists()
+
+
+# ----------------------------------------------------------------------------- several hosts
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(mnist_dir, tmp_path):
+    """`rsjax train --distributed`: two local jax.distributed processes of 2 CPU devices each (gloo
+    collectives) train the same weights as one process with 4 devices; process 0 alone writes the model,
+    the log and the --certify-every TSV; a second call with more epochs restores the orbax checkpoint in
+    both processes and continues (the single run trains its 2 epochs in one call)."""
+    common = ["mnist", "lenet", None, "--data-dir", str(mnist_dir), "--batch", "16", "--lr", "0.01",
+              "--lr-schedule", "constant", "--seed", "5", "--quiet", "--certify-every", "1",
+              "--certify-subset", "0:6:1", "--certify-n0", "10", "--certify-n", "40"]
+
+    def cmd(outdir, epochs, *extra):
+        args = list(common)
+        args[2] = str(outdir)
+        return rsjax_cmd("train", *args, "--epochs", str(epochs), *extra)
+
+    def distributed(epochs):
+        port = _free_port()
+        env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs = [subprocess.Popen(cmd(tmp_path / "hosts", epochs, "--distributed", "--coordinator",
+                                      f"localhost:{port}", "--num-processes", "2", "--process-id", str(k)),
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(2)]
+        logs = [p.communicate(timeout=600) for p in procs]
+        for p, (o, e) in zip(procs, logs):
+            assert p.returncode == 0, o + e[-3000:]
+        return logs
+
+    distributed(1)
+    logs = distributed(2)
+    assert "resuming" in logs[0][0] + logs[0][1]
+    r = subprocess.run(cmd(tmp_path / "one", 2), env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, meta_a = model_variables(tmp_path / "hosts")
+    b, _ = model_variables(tmp_path / "one")
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert meta_a["training"]["epochs"] == 2
+    log_a = pd.read_csv(tmp_path / "hosts" / "log.txt", delimiter="\t")
+    log_b = pd.read_csv(tmp_path / "one" / "log.txt", delimiter="\t")
+    assert list(log_a["epoch"]) == [0, 1]
+    np.testing.assert_allclose(log_a["train loss"], log_b["train loss"], rtol=1e-4)
+    for e in (0, 1):
+        ca = pd.read_csv(tmp_path / "hosts" / "certify" / f"epoch_{e:04d}.tsv", delimiter="\t")
+        cb = pd.read_csv(tmp_path / "one" / "certify" / f"epoch_{e:04d}.tsv", delimiter="\t")
+        assert list(ca["predict"]) == list(cb["predict"])
+
+
+def test_imagenet_train_split_from_tensorflow_datasets(monkeypatch, tmp_path):
+    """ImageNet training images from a prepared tfds ``imagenet2012`` (random-access source, as
+    tfds's array_record copies give): RandomResizedCrop(224) + flip per record, deterministic per
+    (seed, epoch, row), labels from the records, --subset as record offsets."""
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40 + 3 * i, 57, 3), dtype=np.uint8) for i in range(6)]
+
+    class Builder:
+        data_dir = str(tmp_path / "imagenet2012" / "5.1.0")
+
+        def is_prepared(self):
+            return True
+
+        def as_data_source(self, split):
+            assert split == "train"
+            return [{"image": imgs[i], "label": 10 * i} for i in range(6)]
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    data = load_train_data("imagenet", "train", tmp_path, "2:6")
+    assert len(data) == 4 and list(data.labels) == [20, 30, 40, 50] and "tensorflow-datasets" in data.source
+    x, y = data.get([0, 3], epoch=1, seed=7)
+    assert x.shape == (2, 224, 224, 3) and list(y) == [20, 50] and 0 <= x.min() and x.max() <= 1
+    np.testing.assert_array_equal(x, data.get([0, 3], epoch=1, seed=7)[0])
+    assert not np.array_equal(x, data.get([0, 3], epoch=2, seed=7)[0])
+    batches = [b for _, b in Pipeline(data, batch=2, seed=7, num_devices=1).iterate(0, 2)]
+    assert sorted(np.concatenate([b["idx"] for b in batches]).tolist()) == [2, 3, 4, 5]

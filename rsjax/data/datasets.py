@@ -276,14 +276,13 @@ def imagenet_transform(path) -> np.ndarray:
 # ---------------------------------------------------------------- tensorflow-datasets
 
 
-def _tfds(name, split, data_dir, looked):
-    """The dataset through tfds if it is prepared there (random-access data source), else None."""
+def _tfds_builder(name, data_dir, looked=None):
+    """The tfds builder of ``name`` when tfds has it prepared (in ``data_dir`` if given), else None."""
     try:
         import tensorflow_datasets as tfds
     except Exception:  # tfds missing or broken: the local files are the other way in
         return None
-    info = DATASET_INFO[name]
-    shape, tname = info.input_shape, info.tfds_name
+    tname = DATASET_INFO[name].tfds_name
     import logging
 
     absl_log = logging.getLogger("absl")
@@ -296,8 +295,17 @@ def _tfds(name, split, data_dir, looked):
         return None
     finally:
         absl_log.setLevel(level)
-    looked.append(f"tensorflow-datasets {tname} in {builder.data_dir}")
-    if not prepared:
+    if looked is not None:
+        looked.append(f"tensorflow-datasets {tname} in {builder.data_dir}")
+    return builder if prepared else None
+
+
+def _tfds(name, split, data_dir, looked):
+    """The dataset through tfds if it is prepared there (random-access data source), else None."""
+    info = DATASET_INFO[name]
+    shape, tname = info.input_shape, info.tfds_name
+    builder = _tfds_builder(name, data_dir, looked)
+    if builder is None:
         return None
     try:
         source = builder.as_data_source(split=info.tfds_split(split))

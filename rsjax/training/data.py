@@ -16,23 +16,22 @@ central fallback, bilinear) + flip; MNIST none.
 augmentation parameter of row r from ``(seed, e)`` (CIFAR: one vectorised draw per epoch indexed by
 row; ImageNet: a generator seeded with (seed, e, r)). The batch of step s of epoch e is the rows
 ``order[s*B:(s+1)*B]``, so the pipeline's position is the step count alone: a resumed run feeds
-exactly the batches the uninterrupted run would have fed. (This is grain's model - a random-access
-source, an index sampler, per-record seeds - written out in numpy, because the state to checkpoint
-is then one integer that already lives in the train state.) The last, short batch of an epoch is
+exactly the batches the uninterrupted run would have fed. The batches are produced by a grain
+``MapDataset`` over the step numbers (:meth:`Pipeline.iterate`): the iterator's whole state is the
+step, which the train state already checkpoints, so no separate iterator state is needed. The last, short batch of an epoch is
 kept, cut down to a multiple of the number of devices (at most ``devices - 1`` rows of an epoch are
 skipped; none on one device, as PyTorch's loader without ``drop_last``).
 
 **Several hosts.** Process p of P reads rows ``[p*b, (p+1)*b)`` of every global batch (b = B / P),
 so the processes together feed the global batch of one process, in the same order.
 
-A background thread prepares the next batches (decoding, augmentation) while the device runs.
+grain's worker threads prepare the next batches (decoding, augmentation) while the device runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -75,6 +74,7 @@ class TrainData:
     augmentation: str
     images: Optional[np.ndarray] = None  # uint8 (n, H, W, C) for in-memory datasets
     files: Optional[list] = None  # ImageNet paths, one per row
+    records: Optional[object] = None  # or a tfds random-access source; row r is its record offset + r
     _epoch_cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self):
@@ -88,6 +88,8 @@ class TrainData:
         h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
         if self.images is not None:
             h.update(np.ascontiguousarray(self.images).tobytes())
+        elif self.records is not None:  # a tfds source: its name, directory and length (not every JPEG)
+            h.update(f"{self.source}/{len(self.records)}".encode())
         else:
             for f in self.files:
                 h.update(str(f).encode())
@@ -95,11 +97,14 @@ class TrainData:
 
     def _crop_flip_params(self, epoch: int, seed: int):
         key = (seed, epoch)
-        if key not in self._epoch_cache:
+        params = self._epoch_cache.get(key)
+        if params is None:  # pipeline threads may race here: each computes the same draws
             rng = np.random.default_rng([seed, epoch, 2])
-            self._epoch_cache.clear()
-            self._epoch_cache[key] = (rng.integers(0, 9, size=(len(self), 2)), rng.random(len(self)) < 0.5)
-        return self._epoch_cache[key]
+            params = (rng.integers(0, 9, size=(len(self), 2)), rng.random(len(self)) < 0.5)
+            if len(self._epoch_cache) >= 2:
+                self._epoch_cache.pop(min(self._epoch_cache), None)
+            self._epoch_cache[key] = params
+        return params
 
     def get(self, rows, epoch: int, seed: int):
         rows = np.asarray(rows, np.int64)
@@ -110,9 +115,16 @@ class TrainData:
             offsets, flips = self._crop_flip_params(epoch, seed)
             x = crop_flip(self.images[rows], offsets[rows], flips[rows]).astype(np.float32) / np.float32(255)
         else:
-            x = np.stack([random_resized_crop_flip(self.files[r], np.random.default_rng([seed, epoch, int(r), 3]))
+            x = np.stack([random_resized_crop_flip(self._record(int(r)), np.random.default_rng([seed, epoch, int(r), 3]))
                           for r in rows])
         return x, y
+
+    def _record(self, r: int):
+        """Row r of an ImageNet selection: its JPEG path, or a tfds record's decoded uint8 image."""
+        if self.records is not None:
+            ex = self.records[r]
+            return np.asarray(ex["image"])
+        return self.files[r]
 
 
 def crop_flip(images, offsets, flips, pad: int = 4):
@@ -127,14 +139,19 @@ def crop_flip(images, offsets, flips, pad: int = 4):
 
 
 def random_resized_crop_flip(path, rng, size: int = 224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop(size) + RandomHorizontalFlip with the draws from ``rng``."""
+    """torchvision's RandomResizedCrop(size) + RandomHorizontalFlip with the draws from ``rng``;
+    ``path`` is an image file or a decoded uint8 (H, W, C) array."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    if isinstance(path, np.ndarray):
+        img = Image.fromarray(path.reshape(path.shape[:2]) if path.ndim == 3 and path.shape[2] == 1 else path)
+        img = img.convert("RGB")
+    else:
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
     width, height = img.size
     area = width * height
     box = None
@@ -169,10 +186,17 @@ def load_train_data(name: str, split: str = "train", data_dir=None, subset: Opti
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_INFO)}")
     num_classes, shape = DATASET_INFO[name].num_classes, tuple(DATASET_INFO[name].input_shape)
     if name == "imagenet":
-        files, labels, source = _imagenet_files(split, data_dir)
-        start, stop = parse_subset(subset, len(files))
-        data = TrainData(name, split, num_classes, shape, np.arange(start, stop), np.asarray(labels[start:stop]),
-                         source, AUGMENTATIONS[name], files=files[start:stop])
+        tf_source = _imagenet_tfds(split, data_dir)
+        if tf_source is not None:
+            records, labels, source = tf_source
+            start, stop = parse_subset(subset, len(labels))
+            data = TrainData(name, split, num_classes, shape, np.arange(start, stop), np.asarray(labels[start:stop]),
+                             source, AUGMENTATIONS[name], records=_Offset(records, start))
+        else:
+            files, labels, source = _imagenet_files(split, data_dir)
+            start, stop = parse_subset(subset, len(files))
+            data = TrainData(name, split, num_classes, shape, np.arange(start, stop), np.asarray(labels[start:stop]),
+                             source, AUGMENTATIONS[name], files=files[start:stop])
     else:
         from rsjax.data import load_dataset
 
@@ -191,6 +215,41 @@ def load_train_data(name: str, split: str = "train", data_dir=None, subset: Opti
         raise DataError(f"{data.source}: label {int(data.labels[bad[0]])} of image {int(data.idx[bad[0]])} is out of "
                         f"range 0..{num_classes - 1} ({bad.size} such labels)")
     return data
+
+
+class _Offset:
+    """Records ``start..`` of a random-access source, indexed from 0."""
+
+    def __init__(self, source, start):
+        self.source, self.start = source, int(start)
+
+    def __len__(self):
+        return len(self.source) - self.start
+
+    def __getitem__(self, r):
+        return self.source[self.start + int(r)]
+
+
+def _imagenet_tfds(split, data_dir):
+    """(source, labels, description) of ``imagenet2012`` prepared by tensorflow-datasets (in
+    ``data_dir`` when given, else tfds's default directory; array_record format for random access),
+    or None when tfds has no prepared copy. The labels are read once (one pass over the records'
+    label field); images are decoded per record in the pipeline's threads."""
+    from rsjax.data.datasets import _tfds_builder
+
+    found = _tfds_builder("imagenet", data_dir)
+    if found is None:
+        return None
+    builder, tfds_split = found, DATASET_INFO["imagenet"].tfds_split(split)
+    try:
+        source = builder.as_data_source(split=tfds_split)
+        n = len(source)
+    except Exception as e:  # noqa: BLE001 - one line for an unreadable copy
+        raise DataError(f"tensorflow-datasets imagenet2012 is prepared in {builder.data_dir} but cannot be read "
+                        f"({type(e).__name__}: {e}); prepare it in the array_record format or pass --data-dir "
+                        "with train/<wnid>/*.JPEG folders") from None
+    labels = np.fromiter((int(source[i]["label"]) for i in range(n)), np.int64, count=n)
+    return source, labels, f"tensorflow-datasets {builder.data_dir} ({tfds_split})"
 
 
 def _imagenet_files(split, data_dir):
@@ -232,14 +291,16 @@ def batch_rows(order: np.ndarray, step_in_epoch: int, batch: int, num_devices: i
 
 class Pipeline:
     """Process-local batches ``{"x", "y", "idx", "row"}`` from global step ``start`` on (module doc),
-    prepared ``prefetch`` ahead by a background thread."""
+    prepared ``prefetch`` ahead by ``threads`` grain worker threads."""
 
     def __init__(self, data: TrainData, *, batch: int, seed: int, num_devices: int, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2):
+                 process_count: int = 1, prefetch: int = 4, threads: Optional[int] = None):
         self.data, self.batch, self.seed = data, batch, seed
         self.num_devices, self.pi, self.pc = num_devices, process_index, process_count
         self.steps_per_epoch = steps_per_epoch(len(data), batch, num_devices)
         self.prefetch = prefetch
+        # ImageNet decodes JPEGs per record (PIL releases the GIL); in-memory datasets need one thread
+        self.threads = threads or (min(8, os.cpu_count() or 1) if data.augmentation == "resized_crop_flip" else 1)
 
     def local(self, step: int):
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -250,37 +311,16 @@ class Pipeline:
         return {"x": x, "y": y, "idx": self.data.idx[rows].astype(np.int32), "row": rows.astype(np.int32)}
 
     def iterate(self, start: int, stop: int):
-        """Yield (step, local batch) for start <= step < stop."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        done = threading.Event()
+        """Yield (step, local batch) for start <= step < stop, in order.
 
-        def work():
-            try:
-                for step in range(start, stop):
-                    if done.is_set():
-                        return
-                    q.put((step, self.local(step)))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                q.put((None, e))
-            q.put((None, None))
+        A grain ``MapDataset`` over the step numbers, mapped by :meth:`local` (a pure function of the
+        step) and read by ``threads`` worker threads ``prefetch`` batches ahead, so decoding and
+        augmentation run off the device's critical path; resuming at step s is the range from s."""
+        import grain
 
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while True:
-                step, item = q.get()
-                if step is None:
-                    if item is not None:
-                        raise item
-                    return
-                yield step, item
-        finally:
-            done.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
+        ds = grain.MapDataset.range(start, stop).map(lambda step: (step, self.local(step)))
+        options = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+        yield from ds.to_iter_dataset(options)
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, idx: np.ndarray, batch: int, num_devices: int):

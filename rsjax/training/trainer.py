@@ -569,21 +569,24 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
     table = None
     if objective.on_epoch_end is not None:
         table = {k: np.asarray(v)[:n_rows] for k, v in _host(state.example_state).items()}
+    meta = {"arch": arch, "dataset": dataset, "num_classes": num_classes, "input_shape": list(data.input_shape),
+            "normalization": norm, "mean": list(mean), "std": list(std), "sigma": cfg.sigma,
+            "source": "rsjax train", "training": {"method": cfg.method, "epochs": epoch + 1,
+                                                   "epochs_planned": cfg.epochs, "steps": (epoch + 1) * spe,
+                                                   "data_sha256": settings["data_sha256"],
+                                                   "split": cfg.split, "subset": cfg.subset,
+                                                   "settings": settings}}
+    certified = None
+    if cert is not None and ((epoch + 1) % cfg.certify_every == 0 or epoch + 1 == cfg.epochs):
+        certified = _certify_shares(variables, meta, cfg, cert)
     if writer:
         from rsjax.classifier import save_classifier
 
-        meta = {"arch": arch, "dataset": dataset, "num_classes": num_classes, "input_shape": list(data.input_shape),
-                "normalization": norm, "mean": list(mean), "std": list(std), "sigma": cfg.sigma,
-                "source": "rsjax train", "training": {"method": cfg.method, "epochs": epoch + 1,
-                                                       "epochs_planned": cfg.epochs, "steps": (epoch + 1) * spe,
-                                                       "data_sha256": settings["data_sha256"],
-                                                       "split": cfg.split, "subset": cfg.subset,
-                                                       "settings": settings}}
         save_classifier(outdir / "model", variables, meta, overwrite=True)
         if table is not None:
             row.update(objective.on_epoch_end(objective_cfg, epoch, table, outdir) or {})
-        if cert is not None and ((epoch + 1) % cfg.certify_every == 0 or epoch + 1 == cfg.epochs):
-            row.update(_certify(outdir, epoch, cfg, cert))
+        if certified is not None:
+            row.update(_write_certify(outdir, epoch, cert, *certified))
         with open(outdir / "log.txt", "a") as fh:
             fh.write(log_row(epoch, seconds, lr, row.get("train_loss"), row["train_acc"], row["test_loss"],
                              row["test_acc"]) + "\n")
@@ -596,17 +599,44 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
     return row
 
 
-def _certify(outdir, epoch, cfg, cert):
-    """CERTIFY (Cohen) of the epoch's model on the fixed subset; TSV in certify/ and its summary."""
-    from rsjax.classifier import load_classifier
-    from rsjax.core.certify import certify
+def _certify_shares(variables, meta, cfg, cert):
+    """CERTIFY (Cohen) of the epoch's model (built from the in-memory variables) on the fixed test
+    subset: each process certifies its share (:func:`rsjax.distributed.host_share`) on its local
+    devices; image i's noise depends only on (seed, idx[i]), so the rows are those of one process.
+    Returns (prediction, radius, seconds per image) of the whole subset on every process."""
+    import jax
 
-    f, _ = load_classifier(outdir / "model")
-    x, y, idx = cert
+    from rsjax.classifier import classifier_from_variables
+    from rsjax.core.certify import certify
+    from rsjax.distributed import host_share
+
+    f = classifier_from_variables(meta["arch"], variables, meta)
+    x, _, idx = cert
+    pc = jax.process_count()
+    mine = host_share(np.arange(len(idx)))
     t0 = time.time()
-    pred, radius, _ = certify(f, x, sigma=cfg.sigma, n0=cfg.certify_n0, n=cfg.certify_n, alpha=cfg.certify_alpha,
-                              key=cfg.seed, idx=idx, batch_size=1000)
-    per = (time.time() - t0) / len(idx)
+    pred, radius, _ = certify(f, x[mine], sigma=cfg.sigma, n0=cfg.certify_n0, n=cfg.certify_n,
+                              alpha=cfg.certify_alpha, key=cfg.seed, idx=idx[mine], batch_size=1000)
+    per = (time.time() - t0) / max(len(mine), 1)
+    if pc == 1:
+        return pred, radius, per
+    from jax.experimental import multihost_utils
+
+    m = -(-len(idx) // pc)
+    pad = m - len(mine)
+    mine_rows = np.stack([np.pad(mine, (0, pad), constant_values=-1).astype(np.float64),
+                          np.pad(pred, (0, pad)).astype(np.float64), np.pad(radius, (0, pad)).astype(np.float64)])
+    allrows = np.asarray(multihost_utils.process_allgather(mine_rows))  # (pc, 3, m)
+    out_pred, out_radius = np.zeros(len(idx), np.int64), np.zeros(len(idx), np.float64)
+    for pos, p, r in zip(*(allrows[:, k].ravel() for k in range(3))):
+        if pos >= 0:
+            out_pred[int(pos)], out_radius[int(pos)] = int(p), r
+    return out_pred, out_radius, per
+
+
+def _write_certify(outdir, epoch, cert, pred, radius, per):
+    """``certify/epoch_<E>.tsv`` (Cohen's columns) and the epoch's summary metrics."""
+    _, y, idx = cert
     d = outdir / "certify"
     d.mkdir(exist_ok=True)
     correct = (pred == y).astype(int)

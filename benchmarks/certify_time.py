@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
 
 MD_HEADER = """\
-| date (UTC) | model | batch | dtype | N0 + N | device | rsjax certify s/image | PyTorch reference s/image | speed-up | rsjax end-to-end / raw sampling rate | load 1-min (start/end) |
-|---|---|---|---|---|---|---|---|---|---|---|"""
+| date (UTC) | model | batch | dtype | N0 + N | device | rsjax certify s/image | PyTorch reference s/image | speed-up | rsjax end-to-end / raw sampling rate | load 1-min (start/end) | cpu kernels |
+|---|---|---|---|---|---|---|---|---|---|---|---|"""
 
 
 def parse_args(argv=None):
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--xla", default="default", choices=("default", "rsjax"))
     p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="device of the PyTorch reference (auto: cuda when PyTorch sees a GPU)")
+    p.add_argument("--cpu-kernels", default="xla", choices=("auto", "onednn", "xla"),
+                   help="rsjax's CPU convolution kernels (rsjax certify --cpu-kernels; the raw rate uses the same)")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -109,7 +111,8 @@ def raw_rate(model_dir, args, x0):
 
     from rsjax.xla import pack_narrow_convs
 
-    f, meta = load_classifier(model_dir, dtype=args.dtype, pack_narrow=pack_narrow_convs())
+    f, meta = load_classifier(model_dir, dtype=args.dtype, pack_narrow=pack_narrow_convs(),
+                              cpu_kernels=args.cpu_kernels)
     counts = make_counter(f, meta["num_classes"], samples_per_step=min(args.batch, args.N))
     x = jnp.asarray(x0[None])
     s = jnp.full((1,), args.sigma, jnp.float32)
@@ -119,7 +122,8 @@ def raw_rate(model_dir, args, x0):
         t = time.perf_counter()
         np.asarray(counts(x, s, image_keys(0, np.array([r + 1])), num=args.N))
         ts.append(time.perf_counter() - t)
-    return args.N / min(ts), {"fold_bn": meta["fold_bn"], "pack_narrow": meta["pack_narrow"]}
+    return args.N / min(ts), {"fold_bn": meta["fold_bn"], "pack_narrow": meta["pack_narrow"],
+                              "cpu_kernels": meta.get("cpu_kernels", "xla")}
 
 
 def main(argv=None):
@@ -161,7 +165,7 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "rsjax", "certify", ds_name, str(model_dir), str(args.sigma), str(out),
                    "--N0", str(args.N0), "--N", str(args.N), "--alpha", str(args.alpha), "--batch", str(args.batch),
                    "--skip", str(args.skip), "--max", str(int(idx[-1]) + 1), "--dtype", args.dtype,
-                   "--data-dir", str(SHARED_DATA / ds_name), "--no-progress"]
+                   "--data-dir", str(SHARED_DATA / ds_name), "--no-progress", "--cpu-kernels", args.cpu_kernels]
             t = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             wall = time.perf_counter() - t
@@ -236,7 +240,7 @@ def main(argv=None):
         dev = _common.device_label(rec)
         row = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {args.model} | {args.batch} | {args.dtype} | "
                f"{args.N0} + {args.N} | {dev} | {rs_s:.2f} | {th_s:.2f} | {th_s / rs_s:.2f}x | "
-               f"{e2e_rate / raw:.3f} | {load_start[0]:.1f}/{load_end[0]:.1f} |")
+               f"{e2e_rate / raw:.3f} | {load_start[0]:.1f}/{load_end[0]:.1f} | {settings['cpu_kernels']} |")
         path = _common.write_result("certify_time", rec, row, MD_HEADER)
         log(f"wrote {path}")
         print(row)

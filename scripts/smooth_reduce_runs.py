@@ -11,7 +11,8 @@ stopped (images already in every file are skipped). One TSV per setting in --out
 with Cohen's six columns first (``idx label predict radius correct time``; ``time`` is the
 image's wall time, shared by mean and max) and then ``radius_raw pA_lower nonfinite guarantee
 op_norm c_max`` (Cohen files: ``pA_lower``); ``radius`` is the sound image-space radius.
-``--summary`` writes the table (docs/results/smooth_reduce_summary.tsv) and the plot.
+``--summary`` writes the table (docs/results/smooth_reduce_summary_N<N>.tsv) and the plot
+(docs/img/smooth_reduce_cifar10_N<N>.png).
 
     python scripts/smooth_reduce_runs.py --images 1000          # runs until stopped
     python scripts/smooth_reduce_runs.py --summary
@@ -48,6 +49,8 @@ def parse():
     p.add_argument("--N", type=int, default=10_000)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--cpu-kernels", default="xla", choices=("auto", "onednn", "xla"),
+                   help="the classifier's CPU convolution kernels (rsjax certify --cpu-kernels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--models", type=Path, default=REPO / "out" / "models", help="converted models (cache)")
@@ -73,7 +76,7 @@ def append(path, columns, row):
         fh.write("\t".join(str(row[c]) for c in columns) + "\n")
 
 
-def model(sigma, cache):
+def model(sigma, cache, cpu_kernels="xla"):
     from converters.pytorch import convert_checkpoint
     from rsjax.classifier import load_classifier
     from rsjax.paths import SHARED_DATA
@@ -82,7 +85,7 @@ def model(sigma, cache):
     if not (out / "rsjax_model.json").is_file():
         convert_checkpoint(SHARED_DATA / "models" / f"cifar10_resnet20_noise{sigma:.2f}" / "checkpoint.pth.tar", out,
                            log=lambda *_: None)
-    return load_classifier(out)
+    return load_classifier(out, cpu_kernels=cpu_kernels)
 
 
 def run(args):
@@ -97,7 +100,7 @@ def run(args):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("cifar10")
     indices = [i for i in range(args.start, len(ds), args.skip)][: args.images]
-    models = {s: model(s, args.models) for s in args.sigmas}
+    models = {s: model(s, args.models, args.cpu_kernels) for s in args.sigmas}
     runners = {}
     for s in args.sigmas:
         for noise in args.noises:
@@ -105,10 +108,11 @@ def run(args):
             runners[s, noise] = build(cfg, models[s], seed=args.seed, batch_size=args.batch)
     settings = dict(N0=args.N0, N=args.N, alpha=args.alpha, batch=args.batch, seed=args.seed,
                     sigmas=args.sigmas, noises=args.noises, aggregates=list(AGGS), skip=args.skip,
-                    start=args.start, smooth_reduce=to_dict(runners[args.sigmas[0], args.noises[0]].cfg),
+                    start=args.start, cpu_kernels=models[args.sigmas[0]][1].get("cpu_kernels", "xla"),
+                    smooth_reduce=to_dict(runners[args.sigmas[0], args.noises[0]].cfg),
                     jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                     load_at_start=os.getloadavg())
-    (args.out_dir / "smooth_reduce_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (args.out_dir / f"smooth_reduce_settings_N{args.N}.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     files = {(s, "cohen"): tsv_name(args.out_dir, s, "cohen", args.N) for s in args.sigmas}
     files.update({(s, f"{nz}_{a}"): tsv_name(args.out_dir, s, f"{nz}_{a}", args.N)
@@ -195,11 +199,11 @@ def summary(args):
     for ax in axes[0]:
         ax.legend(fontsize=7)
     out = pd.DataFrame(rows).sort_values(["sigma", "certifier"])
-    out.to_csv(args.out_dir / "smooth_reduce_summary.tsv", sep="\t", index=False, float_format="%.4f")
+    out.to_csv(args.out_dir / f"smooth_reduce_summary_N{args.N}.tsv", sep="\t", index=False, float_format="%.4f")
     img = REPO / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(img / "smooth_reduce_cifar10.png", dpi=120)
+    fig.savefig(img / f"smooth_reduce_cifar10_N{args.N}.png", dpi=120)
     print(out.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("images:", sorted(common))
 

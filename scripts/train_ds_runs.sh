@@ -21,18 +21,7 @@ python -m rsjax train mnist lenet "$RUNS/ddrs-gaussian" --method ddrs-gaussian "
 python -m rsjax train mnist lenet "$RUNS/instars" --method instars "${COMMON[@]}" \
     --instars-stage1-epochs 5 --instars-n 8 --instars-up 0.8 --instars-factor 1.1
 
-# rsjax certify has no start index: select 8000..9999 every 10th by filtering its index selection
-certify() {
-  python - "$@" <<'PY'
-import sys
-import numpy as np
-import rsjax.cli.certify as c
-from rsjax.cli import main
-orig = c.select_indices
-c.select_indices = lambda n, skip, mx: (lambda i: i[i >= 8000])(orig(n, skip, mx))
-sys.exit(main(["certify", *sys.argv[1:]]))
-PY
-}
+certify() { python -m rsjax certify "$@" --start 8000; }
 out() { case $1 in instars) echo "$RES/train_instars_$2";; *) echo "$RES/train_ds_${1}_$2";; esac; }
 for run in gaussian ddrs-gaussian instars; do
   certify mnist "$RUNS/$run/model" 0.25 "$(out $run cohen.tsv)" --N0 100 --N 10000 --alpha 0.001 \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from rsjax.cli import main
@@ -188,3 +189,20 @@ def test_bad_input_one_line(lenet, tmp_path, capsys, change, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsjax certify: error: ") and err.count("\n") == 1 and msg in err
+
+
+def test_start_index_selects_the_rows_of_the_full_loop(lenet, tmp_path, capsys):
+    """--start S: indices S, S+skip, ... with the rows (noise from (seed, index)) of the loop from 0."""
+    full, part = tmp_path / "full.tsv", tmp_path / "start.tsv"
+    common = ["mnist", lenet, "0.25"]
+    opts = ["--N0", "10", "--N", "50", "--skip", "1000", "--no-progress"]
+    assert main(["certify", *common, str(full), *opts]) == 0
+    assert main(["certify", *common, str(part), *opts, "--start", "8000"]) == 0
+    a = pd.read_csv(full, delimiter="\t").drop(columns=["time"])
+    b = pd.read_csv(part, delimiter="\t").drop(columns=["time"])
+    assert list(b["idx"]) == [8000, 9000]
+    pd.testing.assert_frame_equal(b.reset_index(drop=True), a[a["idx"] >= 8000].reset_index(drop=True))
+    capsys.readouterr()
+    assert main(["certify", *common, str(tmp_path / "bad.tsv"), *opts, "--start", "10000"]) == 2
+    assert "--start 10000: the test split holds 10000 images" in capsys.readouterr().err
+    assert not (tmp_path / "bad.tsv").exists()

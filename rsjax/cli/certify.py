@@ -1,7 +1,7 @@
 """``rsjax certify`` and ``rsjax predict``: drop-ins for Cohen et al.'s certify.py / predict.py.
 
     rsjax certify DATASET CHECKPOINT SIGMA OUTFILE [--N0 100] [--N 100000] [--alpha 0.001]
-                  [--batch auto] [--skip 1] [--max -1] [--split test] [--seed 0]
+                  [--batch auto] [--skip 1] [--start 0] [--max -1] [--split test] [--seed 0]
                   [--data-dir DIR] [--overwrite] [--dtype float32] [--method cohen|...]
                   [--certifier cohen]
     rsjax predict DATASET CHECKPOINT SIGMA OUTFILE [--N 100000] [--alpha 0.001] [...]
@@ -9,12 +9,12 @@
 CHECKPOINT is a converted model directory (``rsjax convert``) or a PyTorch checkpoint
 (``.pth``/``.pth.tar``/``.pt``), converted on the fly (weights-only loading; see
 ``--trust-checkpoint``). The images are the dataset indices i with ``i % skip == 0`` and
-``i < max`` (``--max -1``: all). Each image's noise derives from (``--seed``, its index), so the
+``i < max`` (``--max -1``: all), or with ``--start S`` the indices S, S + skip, ... below max. Each image's noise derives from (``--seed``, its index), so the
 rows do not depend on ``--batch``, ``--skip`` or a resume.
 
 OUTFILE is a TSV whose first line is the header (Cohen's columns first) with one row per image,
 and ``OUTFILE.json`` holds the settings (:mod:`rsjax.core.io`). Running the same command again
-resumes after the last complete row (``--max`` and ``--batch`` may change between runs, the
+resumes after the last complete row (``--start``, ``--max`` and ``--batch`` may change between runs, the
 settings may not; the model is identified by its checksum). Every argument is checked before
 OUTFILE is created; one process writes OUTFILE at a time.
 
@@ -65,6 +65,8 @@ def add_parser(parser, name):
                              "see rsjax.core.batching")
     parser.add_argument("--skip", type=int, default=1, help="use every skip-th dataset index (default 1)")
     parser.add_argument("--max", type=int, default=-1, help="stop before this dataset index (default -1: all)")
+    parser.add_argument("--start", type=int, default=0,
+                        help="first dataset index: the images are start, start+skip, ... (default 0, Cohen's loop)")
     parser.add_argument("--split", default="test", help="test or train (default test)")
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the per-image noise streams, 0..{SEED_LIMIT - 1} "
                                                               "(default 0)")
@@ -129,6 +131,7 @@ def validate(args):
     check_count("--skip", args.skip)
     if args.max != -1:
         check_count("--max", args.max, minimum=0)
+    check_count("--start", args.start, minimum=0)
     if not 0 <= args.seed < SEED_LIMIT:
         raise RsjaxError(f"--seed must be in 0..{SEED_LIMIT - 1}, got {args.seed}")
     if args.dtype not in DTYPES:
@@ -210,10 +213,11 @@ def resolve_batch(args, clf):
     return batch
 
 
-def select_indices(n_items, skip, max_idx):
-    """Cohen's loop: dataset indices i with i % skip == 0 and (max < 0 or i < max)."""
+def select_indices(n_items, skip, max_idx, start=0):
+    """Cohen's loop: dataset indices start, start + skip, ... below max (max < 0: all); with
+    start 0 these are the i with i % skip == 0."""
     stop = n_items if max_idx < 0 else min(n_items, max_idx)
-    return np.arange(0, stop, skip, dtype=np.int64)
+    return np.arange(start, stop, skip, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------ a run
@@ -243,7 +247,9 @@ class Run:
         if int(meta["num_classes"]) != self.ds.num_classes:
             raise RsjaxError(f"{args.dataset} has {self.ds.num_classes} classes but the model has "
                              f"{meta['num_classes']} outputs")
-        indices = select_indices(len(self.ds), args.skip, args.max)
+        if args.start >= len(self.ds):
+            raise RsjaxError(f"--start {args.start}: the {args.split} split holds {len(self.ds)} images")
+        indices = select_indices(len(self.ds), args.skip, args.max, args.start)
         self.outfile = args.outfile
         if args.distributed:
             from rsjax.distributed import host_share, part_path

@@ -13,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsjax.models.pool import max_pool_2x2
+
 
 class LeNet(nn.Module):
     """LeNet on (B, 28, 28, 1) input; returns logits (B, num_classes). ``train`` is accepted and unused."""
@@ -24,9 +26,9 @@ class LeNet(nn.Module):
     def __call__(self, x, train: bool = False):
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(nn.Conv(20, (5, 5), padding="VALID", dtype=self.dtype, name="conv1")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         x = nn.relu(nn.Conv(50, (5, 5), padding="VALID", dtype=self.dtype, name="conv2")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # PyTorch (C, H, W) flatten order
         x = nn.relu(nn.Dense(500, dtype=self.dtype, name="fc1")(x))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)

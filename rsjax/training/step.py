@@ -138,7 +138,22 @@ def unbiased_running_var(old_stats, new_stats, sizes):
 
 
 def train_apply(model, mean, std, params, batch_stats, x):
-    """logits of the network in train mode on ``(x - mean) / std``, and PyTorch-style running averages."""
+    """logits of the network in train mode on ``(x - mean) / std``, and PyTorch-style running averages.
+
+    On a CPU backend the convolutions' weight gradients are summed over batch chunks
+    (:mod:`rsjax.models.conv_grad`: the same gradient up to summation order, faster on XLA:CPU
+    for large batches such as MACER's B x k copies)."""
+    if jax.default_backend() == "cpu":
+        import flax.linen as nn
+
+        from rsjax.models.conv_grad import chunked_conv_interceptor
+
+        with nn.intercept_methods(chunked_conv_interceptor()):
+            return _train_apply(model, mean, std, params, batch_stats, x)
+    return _train_apply(model, mean, std, params, batch_stats, x)
+
+
+def _train_apply(model, mean, std, params, batch_stats, x):
     x = (x - mean) / std
     if not batch_stats:
         return model.apply({"params": params}, x, train=True), batch_stats

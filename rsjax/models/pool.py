@@ -1,0 +1,47 @@
+"""2x2 stride-2 max pooling with a gather-free gradient.
+
+XLA lowers the gradient of ``lax.reduce_window`` max (``nn.max_pool``) to ``select_and_scatter``,
+which XLA:CPU runs as a scalar loop: on LeNet's first pooling layer at batch 1024 it takes about 7x
+the layer's convolution (measurements in docs/training.md). This version computes the same function
+and the same gradient with reshapes and elementwise operations:
+
+    y[b, i, j, c] = max_{u, v in {0, 1}} x[b, 2i + u, 2j + v, c],
+    dx[b, 2i + u, 2j + v, c] = g[b, i, j, c] * [ (u, v) is the first maximiser of the window ]
+
+"first" in row-major window order, which is what ``select_and_scatter`` (XLA) and PyTorch's
+``max_pool2d`` do with ties, so gradients agree exactly, ties included (after a ReLU a window of
+zeros is a tie).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _windows(x):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+    """``nn.max_pool(x, (2, 2), strides=(2, 2))`` for NHWC ``x`` with even H and W."""
+    return _windows(x).max(axis=(2, 4))
+
+
+def _fwd(x):
+    xr = _windows(x)
+    return xr.max(axis=(2, 4)), xr
+
+
+def _bwd(xr, g):
+    b, h2, _, w2, _, c = xr.shape
+    win = xr.transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4, c)
+    first = jnp.argmax(win, axis=3)  # the first maximiser (row-major) of each window
+    mask = jnp.arange(4)[None, None, None, :, None] == first[:, :, :, None, :]
+    dx = jnp.where(mask, g[:, :, :, None, :], 0).astype(xr.dtype)
+    return (dx.reshape(b, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h2, 2 * w2, c),)
+
+
+max_pool_2x2.defvjp(_fwd, _bwd)

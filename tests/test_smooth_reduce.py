@@ -307,3 +307,39 @@ def test_known_truth_independent_two_patches():
         assert cert > 0.8 * m
         assert sound <= stats.binom.ppf(0.9999, m, alpha)
         assert raw > 0.5 * cert
+
+
+FOUR_DEVICES = """
+import jax, numpy as np
+from tests.test_smooth_reduce import linear2
+from rsjax.certifiers.smooth_reduce import SmoothReduceConfig, SmoothReduceRunner
+
+assert len(jax.local_devices()) == 4
+rng = np.random.default_rng(4)
+f = linear2(rng.normal(size=(6, 6, 1)), 0.1)
+x = rng.uniform(size=(3, 4, 4, 1)).astype(np.float32)
+for noise in ("independent", "shared"):
+    cfg = SmoothReduceConfig(resize=8, patch_size=6, num_patches=5, noise=noise, resize_mode="nearest")
+    four = SmoothReduceRunner(cfg, f, 2, (4, 4, 1), key=11, batch_size=30)
+    one = SmoothReduceRunner(cfg, f, 2, (4, 4, 1), key=11, batch_size=30, devices=jax.local_devices()[:1])
+    assert four.mesh.devices.size == 4 and one.mesh.devices.size == 1
+    a = four.certify(x, np.arange(3), 0.5, n0=13, n=77, alpha=0.01)
+    b = one.certify(x, np.arange(3), 0.5, n0=13, n=77, alpha=0.01)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+print("OK")
+"""
+
+
+def test_four_devices_give_the_counts_of_one():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, env=env, cwd=root,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-3000:]

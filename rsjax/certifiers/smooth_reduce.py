@@ -29,7 +29,8 @@ section 7.3), and are computed exactly (:func:`rsjax.certifiers.patches.weighted
 
 All draws run on the device: one jitted ``lax.scan`` evaluates the base classifier on
 ``M * b * P`` patches per step (the patch axis folded into the batch) and returns only the
-(M, K) counts. The noise of draw j of image i is ``normal(fold_in(key_i, j))`` of shape
+(M, K) counts; over several local devices each runs its share of the steps and the counts are
+summed (``shard_map`` over the sampler's 1-D mesh), the same counts as one device. The noise of draw j of image i is ``normal(fold_in(key_i, j))`` of shape
 (P, p, p, C) (independent) or (H, W, C) (shared), with key_i from
 ``rsjax.core.sampler.image_keys(seed, idx_i, "select" | "estimate")``; random corners come from
 the ``patches`` stream. So results depend on (seed, idx) only, never on the batch size.
@@ -50,7 +51,9 @@ import numpy as np
 from rsjax.certifiers import patches as geo
 from rsjax.config import check, option
 from rsjax.core import stats
-from rsjax.core.sampler import image_keys, sample_noise, split_weights
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsjax.core.sampler import AXIS, device_mesh, image_keys, sample_noise, split_weights
 from rsjax.errors import RsjaxError, check_alpha, check_count
 
 AGGREGATES = ("mean", "max", "min")
@@ -169,7 +172,8 @@ def draw_votes(logits, noise: str, aggregates):
     return votes, finite
 
 
-def make_patch_counter(apply, num_classes: int, geom: Geometry, noise: str, aggregates, *, b: int, steps: int):
+def make_patch_counter(apply, num_classes: int, geom: Geometry, noise: str, aggregates, *, b: int, steps: int,
+                       mesh=None):
     """Jitted ``counts(weights, x, corners, sigma, keys, offset, stop) -> (int32 (A, m, K), int32 (m,))``.
 
     For each of the m images (x (m, h, w, C) clean, sigma (m,), keys (m,)) it runs ``steps`` device
@@ -177,25 +181,35 @@ def make_patch_counter(apply, num_classes: int, geom: Geometry, noise: str, aggr
     if ``l < stop``. Per step the base classifier sees ``m * b * P`` patches in one batch. Returns
     the vote counts per aggregate and the number of counted draws with non-finite logits.
     ``corners``: int (m, P, 2) per-image corners, ignored when ``geom.corners`` is a fixed grid.
+    ``mesh``: a 1-D device mesh (:func:`rsjax.core.sampler.device_mesh`, default: the local
+    devices); device d runs steps d*S' .. (d+1)*S' - 1 (S' = ceil(steps / devices), steps past
+    ``steps`` are masked) and the counts are summed, so they equal one device's.
     """
     p, P, (H, W) = geom.patch, geom.num_patches, geom.size
     pshape = geom.patch_shape
     rh, rw = jnp.asarray(geom.rh, jnp.float32), jnp.asarray(geom.rw, jnp.float32)
     fixed = geom.corners
 
+    mesh = device_mesh() if mesh is None else mesh
+    steps_d = -(-steps // mesh.devices.size)
+
     @jax.jit
     def counts(weights, x, corners, sigma, keys, offset, stop):
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(),) * 7,
+                             out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)(
+            weights, x, corners, sigma, keys, jnp.asarray(offset, jnp.uint32), jnp.asarray(stop, jnp.uint32))
+
+    def per_device(weights, x, corners, sigma, keys, offset, stop):
         m = x.shape[0]
+        first = jax.lax.axis_index(AXIS).astype(jnp.uint32) * steps_d
         z = geo.resize(x, rh, rw)  # (m, H, W, C)
         cut = (lambda img, c: _extract(img, fixed, p)) if fixed is not None else (lambda img, c: _extract(img, c, p))
         clean = jax.vmap(cut)(z, corners) if noise == "independent" else None  # (m, P, p, p, C)
         sig = sigma.astype(jnp.float32)
-        offset = jnp.asarray(offset, jnp.uint32)
-        stop = jnp.asarray(stop, jnp.uint32)
 
         def step(carry, s):
             acc, bad = carry
-            local = s * b + jnp.arange(b, dtype=jnp.uint32)
+            local = (first + s) * b + jnp.arange(b, dtype=jnp.uint32)
             j = offset + local
             if noise == "independent":
                 eps = jax.vmap(sample_noise, in_axes=(0, None, None))(keys, j, (P,) + pshape)  # (m, b, P, ...)
@@ -211,8 +225,8 @@ def make_patch_counter(apply, num_classes: int, geom: Geometry, noise: str, aggr
             return (acc + hits.sum(axis=2), bad + jnp.sum(valid & ~finite, axis=1, dtype=jnp.int32)), None
 
         acc0 = (jnp.zeros((len(aggregates), m, num_classes), jnp.int32), jnp.zeros((m,), jnp.int32))
-        (acc, bad), _ = jax.lax.scan(step, acc0, jnp.arange(steps, dtype=jnp.uint32))
-        return acc, bad
+        (acc, bad), _ = jax.lax.scan(step, acc0, jnp.arange(steps_d, dtype=jnp.uint32))
+        return jax.lax.psum(acc, AXIS), jax.lax.psum(bad, AXIS)
 
     return counts
 
@@ -235,13 +249,17 @@ class SmoothReduceRunner:
     """CERTIFY of the Smooth-Reduce smoothed classifier for any number of images, counters
     compiled once per layout. ``key``: integer seed or JAX PRNG key (as :func:`rsjax.certify`)."""
 
-    def __init__(self, cfg: SmoothReduceConfig, f, num_classes: int, input_shape, *, key=0, batch_size=1000):
+    def __init__(self, cfg: SmoothReduceConfig, f, num_classes: int, input_shape, *, key=0, batch_size=1000,
+                 devices=None):
         self.cfg = cfg
+        self.mesh = device_mesh(devices)
         self.geom = geometry(cfg, input_shape)
         self.num_classes = int(num_classes)
         self.key = key
         self.batch_size = check_count("batch_size", batch_size)
         self.apply, self.weights = split_weights(f)
+        if self.weights is not None:  # replicated once on the mesh
+            self.weights = jax.device_put(self.weights, NamedSharding(self.mesh, PartitionSpec()))
         self._counters = {}
         self._norms = {}
         try:
@@ -286,7 +304,7 @@ class SmoothReduceRunner:
         k = (aggregates, m, b, steps)
         if k not in self._counters:
             self._counters[k] = make_patch_counter(self.apply, self.num_classes, self.geom, self.cfg.noise,
-                                                   aggregates, b=b, steps=steps)
+                                                   aggregates, b=b, steps=steps, mesh=self.mesh)
         return self._counters[k]
 
     def counts(self, x, corners, sigma, keys, num: int, aggregates, progress=None):

@@ -171,8 +171,17 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------ data-dependent objectives (DS, Insta-RS)
+def step_flops(step_fn, state, batch, epoch) -> float:
+    """XLA's FLOP count of the compiled step (``cost_analysis``: a loop body counts once)."""
+    import jax
+
+    cost = jax.jit(step_fn).lower(state, batch, epoch).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
 def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
-    """A jitted rsjax step of ``method`` with its per-example sigma table (rows = the batch), phase 1."""
+    """A jitted rsjax step of ``method`` with its per-example sigma table (rows = the batch), phase 1,
+    and the step's FLOP count."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh
@@ -204,12 +213,14 @@ def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
     b = jax.device_put(b, S.batch_sharding(mesh))
     box = [state]
     phase = obj.phase(obj_cfg, 10 ** 6)
+    flops = step_flops(lambda st, bb, e: S.step_fn(obj, obj_cfg, tx, apply, seed=0, sigma=sigma, num_classes=10,
+                                                   phase=phase, state=st, batch=bb, epoch=e), state, b, np.int32(0))
 
     def run():
         box[0], sums = step(box[0], b, np.int32(0), phase)
         jax.block_until_ready(sums)
 
-    return run
+    return run, flops
 
 
 def data_dependent_main(argv=None):
@@ -231,13 +242,20 @@ def data_dependent_main(argv=None):
     from rsjax.training.instars_train import InstaRSTrainConfig
     from rsjax.training.objectives import get_objective
 
-    runs = {
+    steppers = {
         "gaussian": data_dependent_stepper(args.model, "gaussian", args.batch, get_objective("gaussian").config()),
         "ddrs-gaussian": data_dependent_stepper(args.model, "ddrs-gaussian", args.batch,
                                                 DSConfig(ds_steps=args.ds_steps, ds_n=args.ds_n)),
         "instars": data_dependent_stepper(args.model, "instars", args.batch,
                                           InstaRSTrainConfig(instars_stage1_epochs=0, instars_n=args.instars_n)),
     }
+    runs = {k: v[0] for k, v in steppers.items()}
+    flops = {k: v[1] for k, v in steppers.items()}
+    # cost_analysis counts a loop body once: the DS step's FLOPs are those of K_tr = 0 plus K_tr times
+    # the increment of one ascent step
+    f0, f1 = (data_dependent_stepper(args.model, "ddrs-gaussian", args.batch, DSConfig(ds_steps=k, ds_n=args.ds_n))[1]
+              for k in (0, 1))
+    flops["ddrs-gaussian"] = f0 + args.ds_steps * (f1 - f0)
     for run in runs.values():
         run(), run()  # compilation
     reps = []
@@ -248,15 +266,17 @@ def data_dependent_main(argv=None):
     rec = {**machine(), "versions": versions(), "model": args.model, "batch": args.batch, "dtype": "float32",
            "ds_steps": args.ds_steps,
            "ds_n": args.ds_n, "instars_n": args.instars_n, "reps": reps, "step_s": med,
-           "ratio_to_gaussian": {k: med[k] / med["gaussian"] for k in med},
+           "ratio_to_gaussian": {k: med[k] / med["gaussian"] for k in med}, "step_flops": flops,
+           "flops_ratio_to_gaussian": {k: flops[k] / flops["gaussian"] for k in flops},
            "ds_bound_ratio": 1 + args.ds_steps * args.ds_n, "load_avg": os.getloadavg(), "shared_machine": args.shared}
     header = ("| model | batch | K_tr x n | gaussian img/s | DS-Gaussian img/s (x cost) | bound 1 + K_tr n | "
-              "Insta-RS img/s (x cost) | load | shared |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "Insta-RS img/s (x cost) | load | shared | DS-Gaussian x FLOPs |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     r = rec["ratio_to_gaussian"]
     row = (f"| {args.model} | {args.batch} | {args.ds_steps} x {args.ds_n} | {args.batch / med['gaussian']:.0f} | "
            f"{args.batch / med['ddrs-gaussian']:.0f} ({r['ddrs-gaussian']:.2f}x) | {rec['ds_bound_ratio']} | "
            f"{args.batch / med['instars']:.0f} ({r['instars']:.2f}x) | {rec['load_avg'][0]:.1f} | "
-           f"{'yes' if args.shared else 'no'} |")
+           f"{'yes' if args.shared else 'no'} | {rec['flops_ratio_to_gaussian']['ddrs-gaussian']:.2f}x |")
     path = write_result("train_throughput_data_dependent", rec, row, header)
     print(row)
     print(f"wrote {path}")

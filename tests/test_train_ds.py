@@ -6,6 +6,7 @@ import sys
 import dataclasses
 import functools
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 from converters.pytorch import torch_to_flax
 from converters.torch_reference import LeNet as TorchLeNet
 from rsjax.errors import RsjaxError
+from rsjax.methods.ddrs import surrogate_radius
 from rsjax.models import build_model
 from rsjax.training import ds
 from rsjax.training.objectives import get_objective
@@ -194,6 +196,76 @@ def test_sigma_update_matches_the_reference(lr, steps, n):
     moved = np.abs(ref - sigma0)
     assert moved.min() > 5e-6  # every sigma moved
     assert (np.abs(np.asarray(got) - ref) <= 0.05 * moved).all()  # and rsjax's moved the same way
+
+
+class TinyBN(flax.linen.Module):
+    """conv 3x3 (4 channels) -> BatchNorm -> relu -> spatial mean -> dense 10: the batch statistics
+    couple the examples' radii, as in the CIFAR ResNets."""
+
+    @flax.linen.compact
+    def __call__(self, x, train: bool = False):
+        x = flax.linen.Conv(4, (3, 3), padding="VALID", name="conv")(x)
+        x = flax.linen.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+        return flax.linen.Dense(10, name="fc")(flax.linen.relu(x).mean(axis=(1, 2)))
+
+
+def tiny_bn_pair():
+    """TinyBN in PyTorch (seeded init, softmax appended, train mode) and its Flax variables."""
+    torch.manual_seed(0)
+    conv, bn, fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 10)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    net = nn.Sequential(conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc, nn.Softmax(dim=1)).train()
+    t = lambda a: jnp.asarray(a.detach().numpy())  # noqa: E731
+    variables = {"params": {"conv": {"kernel": t(conv.weight).transpose(2, 3, 1, 0), "bias": t(conv.bias)},
+                            "bn": {"scale": t(bn.weight), "bias": t(bn.bias)},
+                            "fc": {"kernel": t(fc.weight).T, "bias": t(fc.bias)}},
+                 "batch_stats": {"bn": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}}
+    return net, variables
+
+
+def test_sigma_update_with_batchnorm_matches_the_reference():
+    """BatchNorm in train mode couples the radii through the batch statistics: the ascent must use
+    the gradient of sum_i R_i (the reference's), not the per-example forward-mode slopes, which
+    are only equal without coupling (negative control)."""
+    x, _ = batch_of()
+    net, variables = tiny_bn_pair()
+    apply = functools.partial(train_apply, TinyBN(), 0.0, 1.0)
+    idx, steps, n, lr = np.array([3, 9, 0, 14, 7, 5]), 3, 2, 0.05
+    sigma0 = np.linspace(0.1, 0.6, 6).astype(np.float32)
+    keys = keys_for(idx)
+    got, _ = jax.jit(functools.partial(ds.ascend_sigma, apply, steps=steps, lr=lr, n=n, clamp=(0.02, 0.98)))(
+        variables["params"], variables["batch_stats"], jnp.asarray(x), jnp.asarray(sigma0), keys)
+    draws = [nchw(ds.ascent_noise(keys, k, n, x.shape[1:])) for k in range(steps)]
+    with scripted_randn_like(draws + [torch.zeros(6, 1, 28, 28)]):
+        ref, _ = get_sigma(net, torch.from_numpy(x.transpose(0, 3, 1, 2)), lr, torch.from_numpy(sigma0.copy()),
+                           steps, device, gaussian_num=n)
+    ref = ref.detach().numpy()
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6, rtol=0)
+    assert np.abs(ref - sigma0).min() > 1e-4  # every sigma moved
+
+    eps = ds.ascent_noise(keys, 0, n, x.shape[1:])
+    radii = lambda s: (surrogate_radius(lambda z: apply(variables["params"], variables["batch_stats"], z)[0],  # noqa: E731
+                                        jnp.asarray(x), s, eps, (0.02, 0.98)), 0.0)
+    column, _ = ds.radius_slopes(radii, jnp.asarray(sigma0), coupled=True)
+    row, _ = ds.radius_slopes(radii, jnp.asarray(sigma0), coupled=False)
+    assert np.abs(np.asarray(column - row)).max() > 1e-3 * np.abs(np.asarray(column)).max()
+
+
+def test_forward_mode_slopes_equal_the_gradient_of_the_sum_without_batchnorm():
+    """No coupling (LeNet): dR_i/dsigma_j = 0 for i != j, so the jvp along 1 is grad of sum_i R_i."""
+    x, _ = batch_of()
+    _, variables = lenet_pair()
+    keys = keys_for(np.arange(6))
+    eps = ds.ascent_noise(keys, 0, 3, x.shape[1:])
+    radii = lambda s: (surrogate_radius(lambda z: APPLY(variables["params"], {}, z)[0], jnp.asarray(x), s, eps,  # noqa: E731
+                                        (0.02, 0.98)), 0.0)
+    sigma = jnp.linspace(0.1, 0.6, 6)
+    column, _ = ds.radius_slopes(radii, sigma, coupled=True)
+    row, _ = ds.radius_slopes(radii, sigma, coupled=False)
+    assert np.abs(np.asarray(column)).min() > 1e-3
+    np.testing.assert_allclose(np.asarray(row), np.asarray(column), rtol=1e-5, atol=1e-6)
 
 
 def ds_state(objective, cfg, variables, table, tx, x_shape):

@@ -16,9 +16,11 @@ Each time example i is in a batch (from epoch ``--ds-start-epoch`` on):
        R_i(sigma)   = sigma/2 (Phi^-1(clip psi_(1)) - Phi^-1(clip psi_(2))),   clip to [lo, hi]
        sigma_i     <- B(sigma_i + lr_sig dR_i/dsigma_i)
 
-   with fresh reparameterised noise eps each step (``n = gaussian_num_ds``), ``jax.grad`` through
-   sigma eps and the network, the whole batch at once (R_i depends only on sigma_i), the K_tr steps
-   one ``lax.fori_loop`` inside the jitted train step. B is the optional bound
+   with fresh reparameterised noise eps each step (``n = gaussian_num_ds``), derivatives through
+   sigma eps and the network, the whole batch at once (:func:`radius_slopes`: ``jax.grad`` of
+   sum_i R_i when BatchNorm batch statistics couple the examples, as the reference; otherwise
+   R_i depends only on sigma_i and one forward-mode ``jax.jvp`` gives every dR_i/dsigma_i), the
+   K_tr steps inside the jitted train step (:func:`ascend_sigma`). B is the optional bound
    ``[--ds-sigma-min, --ds-sigma-max]`` (the reference has none) and always a floor at
    :data:`rsjax.methods.ddrs.SIGMA_FLOOR`, so a sigma is never <= 0.
 2. **training step at the updated sigmas** (the sigma is a constant for the parameter gradient):
@@ -146,22 +148,47 @@ def ascent_noise(keys, k, n: int, shape, dtype=jnp.float32):
     return per_example_normal(sub, (n,) + tuple(shape), dtype)
 
 
+def radius_slopes(radii, sigma, coupled: bool):
+    """dR_i/dsigma_i (B,) and the aux of ``radii(sigma) -> (R (B,), aux)``.
+
+    ``coupled`` (BatchNorm in train mode: the batch statistics make every R_i depend on every
+    sigma_j): the gradient of sum_i R_i, i.e. sum_i dR_i/dsigma_j for each j, the reference's
+    ``torch.autograd.grad(radius.sum(), sig)`` (one forward and one backward pass to the input).
+    Otherwise dR_i/dsigma_j = 0 for i != j, so the forward-mode derivative along sigma + t * 1 is the
+    same vector, dR_i/dsigma_i, at the cost of one forward pass and its tangent (forward
+    convolutions only, no stored activations, no transposed convolutions).
+    """
+    if coupled:
+        def total(s):
+            r, aux = radii(s)
+            return r.sum(), aux
+
+        return jax.grad(total, has_aux=True)(sigma)
+    _, slopes, aux = jax.jvp(radii, (sigma,), (jnp.ones_like(sigma),), has_aux=True)
+    return slopes, aux
+
+
 def ascend_sigma(apply_fn, params, batch_stats, x, sigma, keys, *, steps: int, lr: float, n: int,
                  clamp, lo=None, hi=None, bn: str = "train"):
     """The K_tr ascent steps on each example's sigma (module doc, step 1), network frozen.
 
     ``apply_fn(params, batch_stats, x) -> (logits, batch_stats)`` in train mode. Returns the new
     sigmas (B,) and the batch statistics after the passes (``bn="train"``: updated by each of the
-    K_tr passes, as the reference; ``"frozen"``: unchanged).
+    K_tr passes, as the reference; ``"frozen"``: unchanged). The slopes come from
+    :func:`radius_slopes`, coupled iff the network has batch statistics. Uncoupled, the K_tr steps
+    are one ``lax.fori_loop`` (forward convolutions only). Coupled, they are unrolled (K_tr is
+    static; compilation grows linearly with it): XLA's CPU backend brings convolutions to its fast
+    (Eigen) form in the entry computation only (``xla/service/cpu/conv_canonicalization.cc``), so
+    the transposed convolutions of a backward pass inside a ``while`` body run on its slow path.
     """
     params = jax.lax.stop_gradient(params)
     clamp = (float(clamp[0]), float(clamp[1]))
+    coupled = bool(jax.tree_util.tree_leaves(batch_stats))
 
-    def body(k, carry):
-        sigma, stats = carry
+    def step(k, sigma, stats):
         eps = ascent_noise(keys, k, n, x.shape[1:], x.dtype)
 
-        def total(s):
+        def radii(s):
             out = []  # the pass's running averages, returned as aux from inside the trace
 
             def f(xb):
@@ -169,15 +196,20 @@ def ascend_sigma(apply_fn, params, batch_stats, x, sigma, keys, *, steps: int, l
                 out.append(new_stats)
                 return logits
 
-            return surrogate_radius(f, x, s, eps, clamp).sum(), out[0]
+            return surrogate_radius(f, x, s, eps, clamp), out[0]
 
-        grad, new_stats = jax.grad(total, has_aux=True)(sigma)
-        sigma = bound_sigma(sigma + lr * grad, lo, hi)
-        return sigma, (new_stats if bn == "train" else stats)
+        slopes, new_stats = radius_slopes(radii, sigma, coupled)
+        return bound_sigma(sigma + lr * slopes, lo, hi), (new_stats if bn == "train" else stats)
 
     if steps == 0:
         return sigma, batch_stats
-    sigma, stats = jax.lax.fori_loop(0, steps, body, (jnp.asarray(sigma, jnp.float32), batch_stats))
+    carry = (jnp.asarray(sigma, jnp.float32), batch_stats)
+    if coupled:
+        for k in range(steps):
+            carry = step(k, *carry)
+    else:
+        carry = jax.lax.fori_loop(0, steps, lambda k, c: step(k, *c), carry)
+    sigma, stats = carry
     return jax.lax.stop_gradient(sigma), stats
 
 
@@ -345,6 +377,7 @@ for _name, _loss, _help in (
     register(Objective(_name, DSConfig, _loss, init_example_state=init_sigma_table(lambda c: c.ds_sigma0),
                        phase=ds_phase, on_epoch_end=sigma_table_epoch_end(_name), help=_help))
 
-__all__ = ["DSConfig", "REFERENCE_DEFAULTS", "resolved", "bound_sigma", "ascent_noise", "ascend_sigma",
+__all__ = ["DSConfig", "REFERENCE_DEFAULTS", "resolved", "bound_sigma", "ascent_noise", "radius_slopes",
+           "ascend_sigma",
            "noisy_copies", "smoothed_probs", "ds_macer_hinge", "ds_gaussian_loss", "ds_macer_loss", "ds_phase",
            "sigma_summary", "write_sigma_table", "sigma_table_epoch_end", "init_sigma_table"]

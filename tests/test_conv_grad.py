@@ -31,6 +31,10 @@ def test_chunked_conv_value_and_gradients(batch, strides, padding):
     cx, cw = jax.grad(loss(lambda a, b: chunked_conv(a, b, strides, padding, 4)), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(cx, gx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cw, gw, rtol=1e-5, atol=1e-4)
+    tangents = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32), jnp.asarray(rng.standard_normal(w.shape), jnp.float32))
+    _, t_plain = jax.jvp(plain, (x, w), tangents)
+    _, t_chunked = jax.jvp(lambda a, b: chunked_conv(a, b, strides, padding, 4), (x, w), tangents)
+    np.testing.assert_allclose(t_chunked, t_plain, rtol=1e-5, atol=1e-4)  # forward mode works too
     wrong = jax.grad(lambda w: jnp.sum(plain(x[:4], w) * t[:4]))(w)  # one chunk alone: the test has teeth
     assert np.abs(np.asarray(wrong) - np.asarray(gw)).max() > 1e-2
 

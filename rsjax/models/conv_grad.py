@@ -35,31 +35,28 @@ def _conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSION_NUMBERS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def chunked_conv(x, w, strides, padding, chunk):
     """``lax.conv_general_dilated(x, w, strides, padding)`` in NHWC/HWIO whose weight gradient is
-    the sum of the gradients of batch chunks of ``chunk`` examples (module doc)."""
+    the sum of the gradients of batch chunks of about ``chunk`` examples (module doc).
+
+    Written as a JVP rule, tangent = conv(dx, w) + stack_c conv(x_c, dw): linear in (dx, dw), so
+    forward mode works as it is and reverse mode (JAX transposes the rule) computes the input
+    gradient over the whole batch and the weight gradient as sum_c conv_dW(x_c, g_c)."""
     return _conv(x, w, strides, padding)
 
 
-def _fwd(x, w, strides, padding, chunk):
-    return _conv(x, w, strides, padding), (x, w)
+@chunked_conv.defjvp
+def _jvp(strides, padding, chunk, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    y = _conv(x, w, strides, padding)
+    return y, _conv(dx, w, strides, padding) + _per_chunk(x, lambda xs: _conv(xs, dw, strides, padding), chunk)
 
 
-def _bwd(strides, padding, chunk, res, g):
-    x, w = res
-    _, vjp_x = jax.vjp(lambda v: _conv(v, w, strides, padding), x)
-    (dx,) = vjp_x(g)
-    dw = None
-    for xs, gs in _chunks(x, g, chunk):
-        _, vjp_w = jax.vjp(lambda v, xs=xs: _conv(xs, v, strides, padding), w)
-        (part,) = vjp_w(gs)
-        dw = part if dw is None else dw + part
-    return dx, dw
-
-
-def _chunks(x, g, chunk):
-    """(x, g) cut into batch chunks of at most about ``chunk`` examples.
+def _per_chunk(x, fn, chunk):
+    """``fn`` applied to batch chunks of ``x`` of at most about ``chunk`` examples, outputs put back
+    in batch order.
 
     When n chunks (n >= B / chunk, n <= twice that) divide B, chunk j is the strided set
     {j, n + j, 2n + j, ...}: a batch sharded in contiguous blocks over devices then keeps each
@@ -68,13 +65,10 @@ def _chunks(x, g, chunk):
     need = -(-b // chunk)
     n = next((k for k in range(need, 2 * need + 1) if b % k == 0), None)
     if n is None:
-        return [(x[lo:lo + chunk], g[lo:lo + chunk]) for lo in range(0, b, chunk)]
+        return jnp.concatenate([fn(x[lo:lo + chunk]) for lo in range(0, b, chunk)])
     xr = x.reshape((b // n, n) + x.shape[1:])
-    gr = g.reshape((b // n, n) + g.shape[1:])
-    return [(xr[:, j], gr[:, j]) for j in range(n)]
-
-
-chunked_conv.defvjp(_fwd, _bwd)
+    out = jnp.stack([fn(xr[:, j]) for j in range(n)], axis=1)
+    return out.reshape((b,) + out.shape[2:])
 
 
 def _padding(mod, kernel_size):

@@ -24,24 +24,30 @@ def _windows(x):
     return x.reshape(b, h // 2, 2, w // 2, 2, c)
 
 
-@jax.custom_vjp
+def _first_max_mask(xr):
+    """bool (b, h/2, w/2, 4, c): the first maximiser (row-major) of each 2x2 window."""
+    b, h2, _, w2, _, c = xr.shape
+    win = xr.transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4, c)
+    return jnp.arange(4)[None, None, None, :, None] == jnp.argmax(win, axis=3)[:, :, :, None, :]
+
+
+def _window_major(t):
+    b, h, w, c = t.shape
+    return _windows(t).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4, c)
+
+
+@jax.custom_jvp
 def max_pool_2x2(x):
-    """``nn.max_pool(x, (2, 2), strides=(2, 2))`` for NHWC ``x`` with even H and W."""
+    """``nn.max_pool(x, (2, 2), strides=(2, 2))`` for NHWC ``x`` with even H and W.
+
+    JVP rule: the tangent at the first maximiser of each window (linear in the tangent, so forward
+    mode works and reverse mode transposes it to the masked broadcast of the cotangent)."""
     return _windows(x).max(axis=(2, 4))
 
 
-def _fwd(x):
+@max_pool_2x2.defjvp
+def _jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
     xr = _windows(x)
-    return xr.max(axis=(2, 4)), xr
-
-
-def _bwd(xr, g):
-    b, h2, _, w2, _, c = xr.shape
-    win = xr.transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4, c)
-    first = jnp.argmax(win, axis=3)  # the first maximiser (row-major) of each window
-    mask = jnp.arange(4)[None, None, None, :, None] == first[:, :, :, None, :]
-    dx = jnp.where(mask, g[:, :, :, None, :], 0).astype(xr.dtype)
-    return (dx.reshape(b, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h2, 2 * w2, c),)
-
-
-max_pool_2x2.defvjp(_fwd, _bwd)
+    mask = jax.lax.stop_gradient(_first_max_mask(xr))
+    return xr.max(axis=(2, 4)), jnp.sum(jnp.where(mask, _window_major(dx), 0), axis=3)

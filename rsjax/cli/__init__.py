@@ -107,6 +107,25 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _note_sigint(signum, frame):
+    global _INTERRUPTED
+    _INTERRUPTED = True
+
+
+def _import_jax_deferring_sigint():
+    """Import jax with SIGINT only noted: a KeyboardInterrupt raised inside a native extension's
+    module initialisation (jaxlib's) can abort the interpreter instead of unwinding; the noted
+    interrupt is raised right after the import (:func:`check_interrupt`)."""
+    import signal
+
+    handler = signal.signal(signal.SIGINT, _note_sigint)
+    try:
+        import jax  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    check_interrupt()
+
+
 def _quiet_unraisable(previous):
     """A ``sys.unraisablehook`` that drops KeyboardInterrupt: raised inside a callback that cannot
     propagate it (JAX's garbage-collection callback), it would print a traceback and be lost; the
@@ -140,6 +159,8 @@ def main(argv=None):
     previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
     try:
         try:
+            if command in DEVICE_COMMANDS:
+                _import_jax_deferring_sigint()
             parser = build_parser(argv)
             args = parser.parse_args(argv)
             check_interrupt()

@@ -28,42 +28,11 @@ from benchmarks._common import device_label, machine, torch_device, versions, wr
 
 
 def rsjax_stepper(arch, method, batch, k, sigma=0.25):
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh
-
-    from rsjax.models import build_model, input_shape
-    from rsjax.training import step as S
+    """The rsjax step of Cohen's Gaussian augmentation or of MACER with k copies (:func:`objective_stepper`)."""
     from rsjax.training.objectives import MacerConfig, get_objective
 
-    shape = input_shape(arch)
-    model = build_model(arch, 10)
-    v = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
-    obj = get_objective(method)
-    cfg = MacerConfig(gauss_num=k) if method == "macer" else obj.config()
-    c = shape[-1]
-    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32))
-    tx = S.make_optimizer(lr=0.01, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=100, momentum=0.9,
-                          weight_decay=5e-4)
-    params, bs = v["params"], v.get("batch_stats", {})
-    names = S.metric_names(obj, cfg, apply, num_classes=10, x_shape=(batch,) + shape, example_state={}, params=params,
-                           batch_stats=bs)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state={},
-                         sums=S.zero_sums(names), step=jnp.int32(0))
-    state = jax.device_put(state, S.state_shardings(mesh, state))
-    step = S.make_train_step(obj, cfg, tx, apply, mesh, state, seed=0, sigma=sigma, num_classes=10)
-    rng = np.random.default_rng(0)
-    b = {"x": rng.random((batch,) + shape, dtype=np.float32), "y": rng.integers(0, 10, batch).astype(np.int32),
-         "idx": np.arange(batch, dtype=np.int32), "row": np.arange(batch, dtype=np.int32)}
-    b = jax.device_put(b, S.batch_sharding(mesh))
-    box = [state]
-
-    def run():
-        box[0], sums = step(box[0], b, np.int32(0))
-        jax.block_until_ready(sums)
-
-    return run
+    cfg = MacerConfig(gauss_num=k) if method == "macer" else get_objective(method).config()
+    return objective_stepper(arch, method, batch, cfg, sigma)[0]
 
 
 def torch_stepper(arch, method, batch, k, device, sigma=0.25):
@@ -179,9 +148,10 @@ def step_flops(step_fn, state, batch, epoch) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
-    """A jitted rsjax step of ``method`` with its per-example sigma table (rows = the batch), phase 1,
-    and the step's FLOP count."""
+def objective_stepper(arch, method, batch, obj_cfg, sigma=0.25, *, flops=False):
+    """``(run, flops)``: ``run()`` is one jitted rsjax step of ``method`` on a fixed random batch, with
+    its per-example table (rows = the batch; empty for Gaussian and MACER) in its last phase;
+    ``flops`` is XLA's FLOP count of the step when asked for (else None)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh
@@ -213,14 +183,16 @@ def data_dependent_stepper(arch, method, batch, obj_cfg, sigma=0.25):
     b = jax.device_put(b, S.batch_sharding(mesh))
     box = [state]
     phase = obj.phase(obj_cfg, 10 ** 6)
-    flops = step_flops(lambda st, bb, e: S.step_fn(obj, obj_cfg, tx, apply, seed=0, sigma=sigma, num_classes=10,
-                                                   phase=phase, state=st, batch=bb, epoch=e), state, b, np.int32(0))
+    count = None
+    if flops:
+        count = step_flops(lambda st, bb, e: S.step_fn(obj, obj_cfg, tx, apply, seed=0, sigma=sigma, num_classes=10,
+                                                       phase=phase, state=st, batch=bb, epoch=e), state, b, np.int32(0))
 
     def run():
         box[0], sums = step(box[0], b, np.int32(0), phase)
         jax.block_until_ready(sums)
 
-    return run, flops
+    return run, count
 
 
 def data_dependent_main(argv=None):
@@ -243,18 +215,19 @@ def data_dependent_main(argv=None):
     from rsjax.training.objectives import get_objective
 
     steppers = {
-        "gaussian": data_dependent_stepper(args.model, "gaussian", args.batch, get_objective("gaussian").config()),
-        "ddrs-gaussian": data_dependent_stepper(args.model, "ddrs-gaussian", args.batch,
-                                                DSConfig(ds_steps=args.ds_steps, ds_n=args.ds_n)),
-        "instars": data_dependent_stepper(args.model, "instars", args.batch,
-                                          InstaRSTrainConfig(instars_stage1_epochs=0, instars_n=args.instars_n)),
+        "gaussian": objective_stepper(args.model, "gaussian", args.batch, get_objective("gaussian").config(),
+                                      flops=True),
+        "ddrs-gaussian": objective_stepper(args.model, "ddrs-gaussian", args.batch,
+                                           DSConfig(ds_steps=args.ds_steps, ds_n=args.ds_n), flops=True),
+        "instars": objective_stepper(args.model, "instars", args.batch,
+                                     InstaRSTrainConfig(instars_stage1_epochs=0, instars_n=args.instars_n), flops=True),
     }
     runs = {k: v[0] for k, v in steppers.items()}
     flops = {k: v[1] for k, v in steppers.items()}
     # cost_analysis counts a loop body once: the DS step's FLOPs are those of K_tr = 0 plus K_tr times
     # the increment of one ascent step
-    f0, f1 = (data_dependent_stepper(args.model, "ddrs-gaussian", args.batch, DSConfig(ds_steps=k, ds_n=args.ds_n))[1]
-              for k in (0, 1))
+    f0, f1 = (objective_stepper(args.model, "ddrs-gaussian", args.batch, DSConfig(ds_steps=k, ds_n=args.ds_n),
+                                flops=True)[1] for k in (0, 1))
     flops["ddrs-gaussian"] = f0 + args.ds_steps * (f1 - f0)
     for run in runs.values():
         run(), run()  # compilation

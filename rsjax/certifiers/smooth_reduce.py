@@ -47,12 +47,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rsjax.certifiers import patches as geo
 from rsjax.config import check, option
 from rsjax.core import stats
-from jax.sharding import NamedSharding, PartitionSpec
-
 from rsjax.core.sampler import AXIS, device_mesh, image_keys, sample_noise, split_weights
 from rsjax.errors import RsjaxError, check_alpha, check_count
 

@@ -101,15 +101,14 @@ def check_interrupt():
         raise KeyboardInterrupt
 
 
-def _on_sigint(signum, frame):
-    global _INTERRUPTED
-    _INTERRUPTED = True
-    raise KeyboardInterrupt
-
-
 def _note_sigint(signum, frame):
     global _INTERRUPTED
     _INTERRUPTED = True
+
+
+def _on_sigint(signum, frame):
+    _note_sigint(signum, frame)
+    raise KeyboardInterrupt
 
 
 def _import_jax_deferring_sigint():

@@ -300,10 +300,10 @@ def _tfds_builder(name, data_dir, looked=None):
     return builder if prepared else None
 
 
-def _tfds(name, split, data_dir, looked):
-    """The dataset through tfds if it is prepared there (random-access data source), else None."""
+def tfds_source(name, split, data_dir, looked=None):
+    """``(random-access source, its length, description)`` of ``name``'s ``split`` when tfds has it
+    prepared (in ``data_dir`` if given), else None; DataError when the copy cannot be read."""
     info = DATASET_INFO[name]
-    shape, tname = info.input_shape, info.tfds_name
     builder = _tfds_builder(name, data_dir, looked)
     if builder is None:
         return None
@@ -311,9 +311,20 @@ def _tfds(name, split, data_dir, looked):
         source = builder.as_data_source(split=info.tfds_split(split))
         length = len(source)
     except Exception as e:
-        raise DataError(f"tensorflow-datasets {tname} is prepared in {builder.data_dir} but cannot be read "
+        raise DataError(f"tensorflow-datasets {info.tfds_name} is prepared in {builder.data_dir} but cannot be read "
                         f"without TensorFlow ({type(e).__name__}: {e}); prepare it in the array_record "
                         "format or pass --data-dir with the standard files") from None
+    return source, length, f"tensorflow-datasets {builder.data_dir}"
+
+
+def _tfds(name, split, data_dir, looked):
+    """The dataset through tfds if it is prepared there (random-access data source), else None."""
+    info = DATASET_INFO[name]
+    shape = info.input_shape
+    found = tfds_source(name, split, data_dir, looked)
+    if found is None:
+        return None
+    source, length, where = found
 
     def get(i):
         ex = source[i]
@@ -324,4 +335,4 @@ def _tfds(name, split, data_dir, looked):
             img = np.asarray(resize_center_crop(Image.fromarray(img).convert("RGB")))
         return img.reshape(shape).astype(np.float32) / np.float32(255), int(ex["label"])
 
-    return Dataset(name, split, info.num_classes, shape, length, get, f"tensorflow-datasets {builder.data_dir}")
+    return Dataset(name, split, info.num_classes, shape, length, get, where)

@@ -24,16 +24,15 @@ def _windows(x):
     return x.reshape(b, h // 2, 2, w // 2, 2, c)
 
 
-def _first_max_mask(xr):
-    """bool (b, h/2, w/2, 4, c): the first maximiser (row-major) of each 2x2 window."""
-    b, h2, _, w2, _, c = xr.shape
-    win = xr.transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4, c)
-    return jnp.arange(4)[None, None, None, :, None] == jnp.argmax(win, axis=3)[:, :, :, None, :]
-
-
 def _window_major(t):
+    """(b, h/2, w/2, 4, c): each 2x2 window's elements in row-major order on axis 3."""
     b, h, w, c = t.shape
     return _windows(t).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4, c)
+
+
+def _first_max_mask(win):
+    """bool, the shape of the window-major ``win``: the first maximiser of each window."""
+    return jnp.arange(4)[None, None, None, :, None] == jnp.argmax(win, axis=3)[:, :, :, None, :]
 
 
 @jax.custom_jvp
@@ -48,6 +47,6 @@ def max_pool_2x2(x):
 @max_pool_2x2.defjvp
 def _jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    xr = _windows(x)
-    mask = jax.lax.stop_gradient(_first_max_mask(xr))
-    return xr.max(axis=(2, 4)), jnp.sum(jnp.where(mask, _window_major(dx), 0), axis=3)
+    win = _window_major(x)
+    mask = jax.lax.stop_gradient(_first_max_mask(win))
+    return win.max(axis=3), jnp.sum(jnp.where(mask, _window_major(dx), 0), axis=3)

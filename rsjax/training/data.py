@@ -235,21 +235,14 @@ def _imagenet_tfds(split, data_dir):
     ``data_dir`` when given, else tfds's default directory; array_record format for random access),
     or None when tfds has no prepared copy. The labels are read once (one pass over the records'
     label field); images are decoded per record in the pipeline's threads."""
-    from rsjax.data.datasets import _tfds_builder
+    from rsjax.data.datasets import tfds_source
 
-    found = _tfds_builder("imagenet", data_dir)
+    found = tfds_source("imagenet", split, data_dir)
     if found is None:
         return None
-    builder, tfds_split = found, DATASET_INFO["imagenet"].tfds_split(split)
-    try:
-        source = builder.as_data_source(split=tfds_split)
-        n = len(source)
-    except Exception as e:  # noqa: BLE001 - one line for an unreadable copy
-        raise DataError(f"tensorflow-datasets imagenet2012 is prepared in {builder.data_dir} but cannot be read "
-                        f"({type(e).__name__}: {e}); prepare it in the array_record format or pass --data-dir "
-                        "with train/<wnid>/*.JPEG folders") from None
+    source, n, where = found
     labels = np.fromiter((int(source[i]["label"]) for i in range(n)), np.int64, count=n)
-    return source, labels, f"tensorflow-datasets {builder.data_dir} ({tfds_split})"
+    return source, labels, f"{where} ({DATASET_INFO['imagenet'].tfds_split(split)})"
 
 
 def _imagenet_files(split, data_dir):

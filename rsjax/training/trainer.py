@@ -622,15 +622,15 @@ def _certify_shares(variables, meta, cfg, cert):
         return pred, radius, per
     from jax.experimental import multihost_utils
 
+    # process k certified positions k, k + pc, ... (host_share): gather the padded shares, put back
     m = -(-len(idx) // pc)
-    pad = m - len(mine)
-    mine_rows = np.stack([np.pad(mine, (0, pad), constant_values=-1).astype(np.float64),
-                          np.pad(pred, (0, pad)).astype(np.float64), np.pad(radius, (0, pad)).astype(np.float64)])
-    allrows = np.asarray(multihost_utils.process_allgather(mine_rows))  # (pc, 3, m)
+    share = np.zeros((2, m), np.float64)
+    share[0, :len(mine)], share[1, :len(mine)] = pred, radius
+    shares = np.asarray(multihost_utils.process_allgather(share))  # (pc, 2, m)
     out_pred, out_radius = np.zeros(len(idx), np.int64), np.zeros(len(idx), np.float64)
-    for pos, p, r in zip(*(allrows[:, k].ravel() for k in range(3))):
-        if pos >= 0:
-            out_pred[int(pos)], out_radius[int(pos)] = int(p), r
+    for k in range(pc):
+        count = len(range(k, len(idx), pc))
+        out_pred[k::pc], out_radius[k::pc] = shares[k, 0, :count], shares[k, 1, :count]
     return out_pred, out_radius, per
 
 

@@ -55,7 +55,7 @@ class OptionalBuildExt(build_ext):
 
 ext_modules = []
 if sys.platform.startswith("linux"):
-    ext_modules.append(Extension("rsjax.kernels._onednn", ["csrc/onednn_conv.cc"], language="c++",
+    ext_modules.append(Extension("rsjax.kernels._onednn", ["csrc/onednn_conv.cc", "csrc/onednn_train.cc"], language="c++",
                                  extra_compile_args=["-O2", "-std=c++17", "-w"], optional=True))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -178,8 +178,11 @@ def write_result(kind: str, record: dict, md_row: str, md_header: str) -> Path:
     markdown row appended to benchmarks/results/<kind>.md (header written once)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    name = f"{kind}_{record['model']}_b{record['batch']}_{record['dtype']}_{record['platform']}_{stamp}.json"
-    path = RESULTS / name
+    kern = f"_{record['cpu_kernels']}" if record.get("cpu_kernels") not in (None, "xla") else ""
+    name = f"{kind}_{record['model']}_b{record['batch']}_{record['dtype']}{kern}_{record['platform']}_{stamp}"
+    path, i = RESULTS / f"{name}.json", 1
+    while path.exists():  # several records of one run in the same second
+        path, i = RESULTS / f"{name}_{i}.json", i + 1
     path.write_text(json.dumps(record, indent=2) + "\n")
     md = RESULTS / f"{kind}.md"
     if not md.exists():

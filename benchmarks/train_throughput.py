@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import device_label, machine, torch_device, versions, write_result  # noqa: E402
 
 
-def rsjax_stepper(arch, method, batch, k, sigma=0.25):
+def rsjax_stepper(arch, method, batch, k, sigma=0.25, cpu_kernels="xla"):
     """The rsjax step of Cohen's Gaussian augmentation or of MACER with k copies (:func:`objective_stepper`)."""
     from rsjax.training.objectives import MacerConfig, get_objective
 
     cfg = MacerConfig(gauss_num=k) if method == "macer" else get_objective(method).config()
-    return objective_stepper(arch, method, batch, cfg, sigma)[0]
+    return objective_stepper(arch, method, batch, cfg, sigma, cpu_kernels=cpu_kernels)[0]
 
 
 def torch_stepper(arch, method, batch, k, device, sigma=0.25):
@@ -108,35 +108,47 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--torch-device", default="auto")
     p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    p.add_argument("--cpu-kernels", nargs="+", default=["xla"], choices=("xla", "onednn", "auto"),
+                   help="rsjax's convolution kernels (rsjax train --cpu-kernels); several are interleaved "
+                        "with PyTorch in the same repetitions, one record each")
     args = p.parse_args(argv)
     import torch
 
     dev = torch_device(args.torch_device)
     if dev == "cpu":
         torch.set_num_threads(os.cpu_count())
-    rs = rsjax_stepper(args.model, args.method, args.batch, args.k)
+    rs = {kern: rsjax_stepper(args.model, args.method, args.batch, args.k, cpu_kernels=kern)
+          for kern in args.cpu_kernels}
     pt = torch_stepper(args.model, args.method, args.batch, args.k, dev)
     for _ in range(2):  # warm-up / compilation
-        rs()
+        for run in rs.values():
+            run()
         pt()
     reps = []
     for r in range(args.reps):
-        a, b = timed(rs, args.steps), timed(pt, args.steps)
-        reps.append({"rsjax_s": a, "torch_s": b})
-        print(f"rep {r}: rsjax {args.batch / a:.1f} img/s, torch {args.batch / b:.1f} img/s", flush=True)
-    rs_ips = statistics.median(args.batch / x["rsjax_s"] for x in reps)
+        rep = {kern: timed(run, args.steps) for kern, run in rs.items()}
+        rep["torch_s"] = timed(pt, args.steps)
+        reps.append(rep)
+        print(f"rep {r}: " + ", ".join(f"rsjax[{kern}] {args.batch / rep[kern]:.1f}" for kern in rs)
+              + f", torch {args.batch / rep['torch_s']:.1f} img/s", flush=True)
     pt_ips = statistics.median(args.batch / x["torch_s"] for x in reps)
-    rec = {**machine(), "versions": versions(), "model": args.model, "method": args.method, "batch": args.batch,
-           "k": args.k if args.method == "macer" else None, "dtype": "float32", "reps": reps,
-           "rsjax_images_per_s": rs_ips, "torch_images_per_s": pt_ips, "speedup": rs_ips / pt_ips,
-           "torch_device": dev, "load_avg": os.getloadavg(), "shared_machine": args.shared, "steps": args.steps}
+    load = os.getloadavg()
     header = ("| model | method | batch | k | device | rsjax img/s | PyTorch img/s | speedup | load | shared |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    row = (f"| {args.model} | {args.method} | {args.batch} | {rec['k'] or ''} | {device_label(rec)} | {rs_ips:.1f} | "
-           f"{pt_ips:.1f} | {rs_ips / pt_ips:.2f}x | {rec['load_avg'][0]:.1f} | {'yes' if args.shared else 'no'} |")
-    path = write_result("train_throughput", rec, row, header)
-    print(row)
-    print(f"wrote {path}")
+    for kern in rs:
+        rs_ips = statistics.median(args.batch / x[kern] for x in reps)
+        rec = {**machine(), "versions": versions(), "model": args.model, "method": args.method, "batch": args.batch,
+               "k": args.k if args.method == "macer" else None, "dtype": "float32", "cpu_kernels": kern,
+               "reps": [{"rsjax_s": x[kern], "torch_s": x["torch_s"]} for x in reps],
+               "rsjax_images_per_s": rs_ips, "torch_images_per_s": pt_ips, "speedup": rs_ips / pt_ips,
+               "interleaved_with": list(rs), "torch_device": dev, "load_avg": load, "shared_machine": args.shared,
+               "steps": args.steps}
+        label = device_label(rec) + (f", {kern} kernels" if dev == "cpu" else "")
+        row = (f"| {args.model} | {args.method} | {args.batch} | {rec['k'] or ''} | {label} | {rs_ips:.1f} | "
+               f"{pt_ips:.1f} | {rs_ips / pt_ips:.2f}x | {load[0]:.1f} | {'yes' if args.shared else 'no'} |")
+        path = write_result("train_throughput", rec, row, header)
+        print(row)
+        print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------ data-dependent objectives (DS, Insta-RS)
@@ -148,7 +160,7 @@ def step_flops(step_fn, state, batch, epoch) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def objective_stepper(arch, method, batch, obj_cfg, sigma=0.25, *, flops=False):
+def objective_stepper(arch, method, batch, obj_cfg, sigma=0.25, *, flops=False, cpu_kernels="xla"):
     """``(run, flops)``: ``run()`` is one jitted rsjax step of ``method`` on a fixed random batch, with
     its per-example table (rows = the batch; empty for Gaussian and MACER) in its last phase;
     ``flops`` is XLA's FLOP count of the step when asked for (else None)."""
@@ -165,14 +177,17 @@ def objective_stepper(arch, method, batch, obj_cfg, sigma=0.25, *, flops=False):
     v = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
     obj = get_objective(method)
     c = shape[-1]
-    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32))
+    from rsjax.kernels.onednn_train import resolve
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    apply = functools.partial(S.train_apply, model, np.zeros(c, np.float32), np.ones(c, np.float32),
+                              onednn=resolve(cpu_kernels), mesh=mesh)
     tx = S.make_optimizer(lr=0.01, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=100, momentum=0.9,
                           weight_decay=5e-4)
     params, bs = v["params"], v.get("batch_stats", {})
     table = {k: jnp.asarray(a) for k, a in obj.init_example_state(obj_cfg, batch, sigma).items()}
     names = S.metric_names(obj, obj_cfg, apply, num_classes=10, x_shape=(batch,) + shape, example_state=table,
                            params=params, batch_stats=bs)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state=table,
                          sums=S.zero_sums(names), step=jnp.int32(0))
     state = jax.device_put(state, S.state_shardings(mesh, state))

@@ -48,9 +48,11 @@ def assert_same_variables(variables, net, rtol=1e-5, atol=1e-6):
                                    err_msg="/".join(p))
 
 
-def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std):
+def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std, kernels="xla"):
     obj = get_objective(method)
-    apply = functools.partial(S.train_apply, flax_model, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    apply = functools.partial(S.train_apply, flax_model, np.asarray(mean, np.float32), np.asarray(std, np.float32),
+                              onednn=kernels == "onednn", mesh=mesh)
     tx = S.make_optimizer(lr=LR, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=10, momentum=MOMENTUM,
                           weight_decay=WD)
     params, bs = variables["params"], variables.get("batch_stats", {})
@@ -58,7 +60,6 @@ def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std):
                            params=params, batch_stats=bs)
     state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state={},
                          sums=S.zero_sums(names), step=jnp.int32(0))
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     state = jax.device_put(state, S.state_shardings(mesh, state))  # committed, as the trainer's: one compilation
     step = S.make_train_step(obj, obj_cfg, tx, apply, mesh, state, seed=SEED, sigma=SIGMA, num_classes=10)
     losses = []
@@ -167,14 +168,23 @@ def resnet8():
     return net, flax_model
 
 
-def test_gaussian_step_matches_cohen_train_py():
+def _kernels():
+    """XLA's convolutions, and oneDNN's (rsjax.kernels.onednn_train) where the extension loads."""
+    from rsjax.kernels.onednn_train import load
+
+    ok, reason = load()
+    return ["xla", pytest.param("onednn", marks=pytest.mark.skipif(not ok, reason=f"oneDNN: {reason}"))]
+
+
+@pytest.mark.parametrize("kernels", _kernels())
+def test_gaussian_step_matches_cohen_train_py(kernels):
     net, flax_model = resnet8()
     variables = flax_from_torch(net, flax_model, (32, 32, 3))
     batches = make_batches((32, 32, 3))
     model = torch.nn.Sequential(NormalizeLayer(CIFAR10_MEAN, CIFAR10_STD), net)
     ref_losses = torch_cohen_steps(model, batches, (32, 32, 3))
     losses, out = rsjax_steps(flax_model, variables, "gaussian", get_objective("gaussian").config(), batches,
-                              CIFAR10_MEAN, CIFAR10_STD)
+                              CIFAR10_MEAN, CIFAR10_STD, kernels)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     assert_same_variables(out, net)
 
@@ -192,8 +202,9 @@ def test_running_variance_needs_the_unbiased_correction(monkeypatch):
         assert_same_variables(out, net)
 
 
+@pytest.mark.parametrize("kernels", _kernels())
 @pytest.mark.parametrize("arch", ["resnet8", "lenet"])
-def test_macer_step_matches_macer_py(arch):
+def test_macer_step_matches_macer_py(arch, kernels):
     if arch == "lenet":
         torch.manual_seed(0)
         net, flax_model, shape = LeNet(), FlaxLeNet(num_classes=10), (28, 28, 1)
@@ -208,6 +219,7 @@ def test_macer_step_matches_macer_py(arch):
     cfg = MacerConfig(gauss_num=4, lbd=12.0, gamma=8.0, beta=16.0)
     ref_losses, kept = torch_macer_steps(net, batches, shape, SIGMA, cfg.lbd, cfg.gauss_num, cfg.beta, cfg.gamma)
     assert sum(k for k, _ in kept) > 0, kept  # the hinge term is exercised
-    losses, out = rsjax_steps(flax_model, variables, "macer", cfg, batches, (0.0,) * shape[-1], (1.0,) * shape[-1])
+    losses, out = rsjax_steps(flax_model, variables, "macer", cfg, batches, (0.0,) * shape[-1], (1.0,) * shape[-1],
+                              kernels)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     assert_same_variables(out, net)

@@ -67,7 +67,8 @@ def _cache_dir_writable(path) -> OSError | None:
 
 
 def apply_xla_settings(command="certify"):
-    """rsjax.xla.apply() unless RSJAX_XLA=default or JAX already started (flags are read once).
+    """rsjax.xla.apply() unless RSJAX_XLA=default or JAX already started (flags are read once);
+    for ``train`` without the XLA flags (they are inference settings; rsjax.xla).
 
     An unwritable compilation-cache directory is a warning: the run goes on without the cache.
     """
@@ -79,11 +80,12 @@ def apply_xla_settings(command="certify"):
         return None
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or xla.DEFAULT_CACHE
     err = _cache_dir_writable(cache)
+    flags = command != "train"
     if err is None:
-        return xla.apply()
+        return xla.apply(flags=flags)
     print(f"rsjax {command}: warning: compilation cache disabled: {cache}: {err.strerror or err}", file=sys.stderr)
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return xla.apply(cache_dir=None)
+    return xla.apply(cache_dir=None, flags=flags)
 
 
 _INTERRUPTED = False

@@ -137,15 +137,22 @@ def unbiased_running_var(old_stats, new_stats, sizes):
     return jax.tree_util.tree_map_with_path(fix, old_stats, new_stats)
 
 
-def train_apply(model, mean, std, params, batch_stats, x):
+def train_apply(model, mean, std, params, batch_stats, x, *, onednn=False, mesh=None):
     """logits of the network in train mode on ``(x - mean) / std``, and PyTorch-style running averages.
 
-    On a CPU backend the convolutions' weight gradients are summed over batch chunks
-    (:mod:`rsjax.models.conv_grad`: the same gradient up to summation order, faster on XLA:CPU
-    for large batches such as MACER's B x k copies)."""
-    if jax.default_backend() == "cpu":
-        import flax.linen as nn
+    ``onednn``: the convolutions and their gradients run in oneDNN
+    (:mod:`rsjax.kernels.onednn_train`; per device on its shard of ``mesh``'s batch). Otherwise, on
+    a CPU backend, XLA's convolutions with the weight gradients summed over batch chunks
+    (:mod:`rsjax.models.conv_grad`: the same gradient up to summation order, faster on XLA:CPU for
+    large batches such as MACER's B x k copies)."""
+    import flax.linen as nn
 
+    if onednn:
+        from rsjax.kernels.onednn_train import train_interceptor
+
+        with nn.intercept_methods(train_interceptor(mesh)):
+            return _train_apply(model, mean, std, params, batch_stats, x)
+    if jax.default_backend() == "cpu":
         from rsjax.models.conv_grad import chunked_conv_interceptor
 
         with nn.intercept_methods(chunked_conv_interceptor()):

@@ -42,8 +42,9 @@ SETTINGS_FILE = "settings.json"
 OWNED = ("settings.json", "checkpoints", "model", "log.txt", "metrics.jsonl", "curves.png", "certify")
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
 # settings that may change between a run and its resumption (they do not change the trained bits)
+# settings a resumed run may change (cpu_kernels: the same step up to float rounding)
 RESUMABLE = ("epochs", "checkpoint_every_steps", "keep_checkpoints", "certify_every", "certify_n0", "certify_n",
-             "certify_alpha", "certify_subset", "test_batch")
+             "certify_alpha", "certify_subset", "test_batch", "cpu_kernels")
 
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -83,6 +84,9 @@ class TrainConfig:
     certify_n0: int = option(100, "selection draws of --certify-every")
     certify_n: int = option(1000, "estimation draws of --certify-every")
     certify_alpha: float = option(0.001, "failure probability of --certify-every")
+    cpu_kernels: str = option("xla", "convolutions of the train step on a CPU: xla, or onednn (the forward pass and "
+                              "both gradients in oneDNN, docs/onednn.md; the same step up to float rounding), or "
+                              "auto (onednn where the extension loads)", choices=("auto", "onednn", "xla"))
 
     def __post_init__(self):
         from rsjax.training.step import parse_schedule
@@ -401,6 +405,9 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
         raise RsjaxError(f"--batch {cfg.batch} is not divisible by the {nd} devices; use a multiple of {nd} "
                          f"(or --devices)")
     num_classes = DATASET_INFO[dataset].num_classes
+    from rsjax.kernels.onednn_train import resolve as resolve_kernels
+
+    use_onednn = resolve_kernels(cfg.cpu_kernels)
 
     # --- everything that can fail on the user's input, before anything is written
     data = load_train_data(dataset, cfg.split, data_dir, cfg.subset)
@@ -439,7 +446,7 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
     mean_a, std_a = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     import functools
 
-    apply_train = functools.partial(S.train_apply, model, mean_a, std_a)
+    apply_train = functools.partial(S.train_apply, model, mean_a, std_a, onednn=use_onednn, mesh=mesh)
     apply_eval = functools.partial(S.eval_apply, model, mean_a, std_a)
     tx = S.make_optimizer(lr=cfg.lr, schedule=cfg.lr_schedule, gamma=cfg.lr_gamma, epochs=cfg.epochs,
                           steps_per_epoch=spe, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements in one go, for a machine with a GPU (run from the repository root).
+# Issues 5's and 12's GPU measurements in one go, for a machine with a GPU (run from the repository root).
 # Needs a CUDA build of jaxlib for the rsjax side and, for a same-device comparison, a CUDA build of
 # PyTorch (the benchmarks put PyTorch on the GPU when it sees one and warn when it does not).
 # Every run appends its row to benchmarks/results/*.md and writes its JSON record there.
@@ -23,3 +23,7 @@ python benchmarks/peak.py --model cifar_resnet110 \
     --throughput "$(ls -t benchmarks/results/throughput_cifar_resnet110_b4096_float32_gpu_*.json | head -1)"
 python benchmarks/certify_time.py --model cifar_resnet110 --batch 4096 --N0 100 --N 100000 --images 8
 python benchmarks/certify_time.py --model resnet50 --batch 256 --N0 100 --N 10000 --images 4
+# issue 12: training steps (target >= 2x PyTorch; MACER ResNet-110 CIFAR-10 under 60 s per epoch,
+# i.e. 50,000 / 60 = 833 training images/s at batch 64, k = 16)
+python benchmarks/train_throughput.py --model cifar_resnet110 --method gaussian --batch 400 --reps 5 --steps 10
+python benchmarks/train_throughput.py --model cifar_resnet110 --method macer --batch 64 --k 16 --reps 5 --steps 10

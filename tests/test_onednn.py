@@ -185,6 +185,23 @@ def test_unsupported_layer_falls_back_to_xla(caplog):
     assert any("differs from the prepared" in r.getMessage() for r in caplog.records)
 
 
+def test_layers_without_a_primitive_on_this_cpu_fall_back(monkeypatch, capsys, caplog):
+    """A CPU where oneDNN cannot create a layer's primitive (bfloat16 on an AVX2-only CPU): that
+    layer runs in XLA with the same arithmetic, and one stderr line says how many did."""
+    module = _Odd()
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    variables = module.init(jax.random.key(1), x)
+    real = onednn._has_primitive
+    monkeypatch.setattr(onednn, "_has_primitive", lambda p: False if p[4] == 8 else real(p))
+    with caplog.at_level(logging.INFO, logger="rsjax.kernels.onednn"):
+        model, ov = onednn.onednn_model(module, variables, (12, 12, 3))
+    assert len(model.router.problems) == 1 and model.router.no_primitive == 1
+    assert "oneDNN has no primitive on this CPU for 1 of 2 convolutions" in capsys.readouterr().err
+    assert any("no primitive for it on this CPU" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(ov, x)), np.asarray(jax.jit(module.apply)(variables, x)),
+                               atol=1e-5, rtol=0)
+
+
 def test_resolve_choices():
     from rsjax.errors import RsjaxError
 

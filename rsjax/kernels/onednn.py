@@ -23,8 +23,9 @@ interceptor computes
   BN then passes its input through).
 
 A convolution the extension cannot run (dilation, groups, a mask, a custom conv primitive,
-another dtype, an input shape other than the one the blob was made for) is computed by XLA with
-the same arithmetic, and says so at ``logging.INFO`` (logger ``rsjax.kernels.onednn``). Noise,
+another dtype, an input shape other than the one the blob was made for, a problem oneDNN has no
+primitive for on this CPU, such as bfloat16 without AVX512-BF16) is computed by XLA with the
+same arithmetic, and says so at ``logging.INFO`` (logger ``rsjax.kernels.onednn``). Noise,
 argmax and counting stay in XLA; the custom call runs inside ``jit``, ``lax.scan`` and
 ``shard_map`` (each device calls it on its own shard).
 
@@ -262,6 +263,21 @@ def xla_conv(x, kernel, bias, residual, params, precision=None):
     return nn.relu(y) if params[13] else y
 
 
+def has_primitive(params):
+    """Whether oneDNN can create the primitive of ``params`` on this CPU (bfloat16, for one, needs
+    AVX512-BF16 or AVX2-VNNI-2); cached per problem."""
+    return _has_primitive(tuple(int(v) for v in params))
+
+
+@lru_cache(maxsize=None)
+def _has_primitive(params):
+    lib, _ = load()
+    if lib is None:
+        return False
+    msg = ctypes.create_string_buffer(512)
+    return lib.rsjax_onednn_weights_bytes((ctypes.c_int64 * NUM_PARAMS)(*params), msg, len(msg)) >= 0
+
+
 def prepare_blob(params, kernel):
     """The HWIO ``kernel`` reordered (and cast) into the blob the primitive of ``params`` reads (uint8)."""
     lib, reason = load()
@@ -341,6 +357,7 @@ class _Router:
         self.eps = eps
         self.problems = {}
         self.discover = False
+        self.no_primitive = 0  # convolutions left to XLA because this CPU has no oneDNN primitive for them
 
     def _bn_bias(self, mod, conv_name):
         bn = {"downsample_conv": "downsample_bn"}.get(conv_name, "bn" + conv_name[4:])
@@ -354,6 +371,9 @@ class _Router:
         params, why = conv_problem(conv_mod, x.shape, dtype, relu=relu, residual=residual is not None,
                                    bias=bias is not None)
         if self.discover:
+            if params is not None and not has_primitive(params):
+                params, why = None, "oneDNN has no primitive for it on this CPU (e.g. bfloat16 without AVX512-BF16)"
+                self.no_primitive += 1
             if params is not None:
                 self.problems[path] = params
             else:
@@ -470,10 +490,14 @@ def onednn_model(module, variables, input_shape, *, folded_paths=frozenset(), ep
     out = dict(variables)
     out[COLLECTION] = blobs
     log.info("oneDNN: %d convolutions routed", len(router.problems))
+    if router.no_primitive:
+        print(f"rsjax: oneDNN has no primitive on this CPU for {router.no_primitive} of "
+              f"{router.no_primitive + len(router.problems)} convolutions (bfloat16 needs AVX512-BF16 or "
+              f"AVX2-VNNI-2); they run in XLA", file=sys.stderr)
     return model, out
 
 
-__all__ = ["CHOICES", "COLLECTION", "OnednnModel", "available", "conv_problem", "load", "onednn_classifier", "onednn_conv",
+__all__ = ["CHOICES", "COLLECTION", "OnednnModel", "available", "conv_problem", "has_primitive", "load", "onednn_classifier", "onednn_conv",
            "onednn_model",
            "prepare_blob", "primitive_info", "primitive_time", "resolve", "xla_conv"]
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -184,6 +185,8 @@ ffi::Error Call(const Shape& s, int kind, const void* a, const void* b, void* ou
     Run(s, kind, a, b, out);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn train conv: ") + e.what());
+  } catch (const std::exception& e) {  // e.g. bad_alloc of a scratch buffer
+    return ffi::Error::Internal(std::string("onednn train conv: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -255,6 +258,10 @@ extern "C" {
 // problem s = (n, h, w, c, o, kh, kw, sh, sw, pt, pb, pl, pr), " +relayout" when the weights are
 // reordered per call; the reason on failure (return 1).
 int rsjax_onednn_train_impl(const int64_t* p, int kind, char* out, int len) {
+  if (kind < kFwd || kind > kBwdWeights) {
+    if (out && len > 0) std::snprintf(out, len, "unknown primitive kind %d", kind);
+    return 1;
+  }
   Shape s{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12]};
   std::string m;
   int rc = 0;

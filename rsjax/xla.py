@@ -8,11 +8,10 @@ Nothing here
 changes results beyond float rounding of the same function; every choice is recorded by the
 benchmarks in their JSON (``settings``, ``xla_flags``).
 
-- ``CPU_FLAGS`` are the XLA:CPU flags measured to help; the settings tried and not adopted are
-  listed in docs/throughput.md so that nobody has to measure them again.
-- ``CPU_FLAGS`` are for inference (certify, predict). The training step is slower with them
-  (ResNet-20 batch 64: XLA's kernels 70 -> 44 images/s, oneDNN's 170-200 -> 128-158; measured in
-  docs/training.md), so ``rsjax train`` leaves XLA's flags alone (``apply(flags=False)``).
+- ``CPU_FLAGS`` are the XLA:CPU flags measured to help inference (certify, predict); the settings
+  tried and not adopted are listed in docs/throughput.md so that nobody has to measure them again.
+  The training step is slower with them (docs/training.md, "No inference flags"), so ``rsjax
+  train`` leaves XLA's flags alone (``apply(cpu_flags=False)``).
 - The persistent compilation cache (``jax_compilation_cache_dir``) lets a later run with the same
   model and shapes load compiled counters instead of compiling them; it does not change the
   steady-state rate.
@@ -78,22 +77,21 @@ def merged_xla_flags(flags, existing: str = "") -> str:
 
 
 def apply(platform: str | None = None, *, cache_dir=DEFAULT_CACHE, precision: str | None = None,
-          flags: bool = True) -> dict:
+          cpu_flags: bool = True) -> dict:
     """Apply the recommended settings; returns what was set (for the benchmark records).
 
     ``platform``: "cpu" or "gpu" (default: from ``JAX_PLATFORMS``, else cpu and gpu flags
     are both set - XLA ignores the other backend's flags). ``cache_dir=None`` disables the
     persistent compilation cache; by default it is ``JAX_COMPILATION_CACHE_DIR`` if set, else
     ``DEFAULT_CACHE``. Raises RuntimeError if JAX's backend already started, since
-    XLA reads its flags only once. ``flags=False`` sets only the cache and precision (``rsjax
+    XLA reads its flags only once. ``cpu_flags=False`` sets only the cache and precision (``rsjax
     train``: the CPU flags slow the training step, docs/training.md).
     """
     if _backend_started():
         raise RuntimeError("rsjax.xla.apply() must run before JAX creates its first array (XLA reads its flags once)")
     platform = platform or os.environ.get("JAX_PLATFORMS", "").split(",")[0] or None
-    use = flags
-    flags = list(CPU_FLAGS if platform in (None, "cpu") else ()) + list(GPU_FLAGS if platform in (None, "gpu", "cuda") else ())
-    flags = flags if use else []
+    flags = list(CPU_FLAGS if platform in (None, "cpu") and cpu_flags else ()) + list(
+        GPU_FLAGS if platform in (None, "gpu", "cuda") else ())
     os.environ["XLA_FLAGS"] = merged_xla_flags(flags, os.environ.get("XLA_FLAGS", ""))
     out = {"xla_flags_added": flags}
     # environment variables (not only jax.config) so that subprocesses - `rsjax certify` run by

@@ -56,6 +56,8 @@ def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std, kern
     tx = S.make_optimizer(lr=LR, schedule="constant", gamma=0.1, epochs=1, steps_per_epoch=10, momentum=MOMENTUM,
                           weight_decay=WD)
     params, bs = variables["params"], variables.get("batch_stats", {})
+    if kernels == "onednn":  # the step really runs oneDNN's convolutions (no silent fallback)
+        assert "rsjax_onednn_conv_train" in str(jax.make_jaxpr(lambda p: apply(p, bs, batches[0]["x"]))(params))
     names = S.metric_names(obj, obj_cfg, apply, num_classes=10, x_shape=batches[0]["x"].shape, example_state={},
                            params=params, batch_stats=bs)
     state = S.TrainState(params=params, batch_stats=bs, opt_state=tx.init(params), example_state={},

@@ -80,12 +80,12 @@ def apply_xla_settings(command="certify"):
         return None
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or xla.DEFAULT_CACHE
     err = _cache_dir_writable(cache)
-    flags = command != "train"
+    cpu_flags = command != "train"
     if err is None:
-        return xla.apply(flags=flags)
+        return xla.apply(cpu_flags=cpu_flags)
     print(f"rsjax {command}: warning: compilation cache disabled: {cache}: {err.strerror or err}", file=sys.stderr)
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return xla.apply(cache_dir=None, flags=flags)
+    return xla.apply(cache_dir=None, cpu_flags=cpu_flags)
 
 
 _INTERRUPTED = False

@@ -33,7 +33,9 @@ interceptor; the model code is untouched), as :mod:`rsjax.models.conv_grad` does
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 
 import flax.linen as nn
 import jax
@@ -98,8 +100,8 @@ def _abstract(shape_fn):
     def rule(a, b, **params):
         if a.dtype != jnp.float32 or b.dtype != jnp.float32:
             raise TypeError(f"oneDNN training convolutions take float32, got {a.dtype} and {b.dtype}")
-        # inside shard_map the result varies over the manual axes of its varying operand (the
-        # activation: the weights are replicated); update() keeps that operand's axis types
+        # inside shard_map (conv() below) both operands vary over "data" (the weights through
+        # pcast), so the result takes the axis types of either; update() keeps them
         varying = a if _num_varying(a) >= _num_varying(b) else b
         return varying.update(shape=shape_fn(a, b, **params), dtype=jnp.float32, weak_type=False)
 
@@ -190,11 +192,24 @@ def resolve(choice: str, platform: str | None = None) -> bool:
     if not ok:
         if choice == "onednn":
             raise RsjaxError(f"--cpu-kernels onednn: {reason}")
-        onednn.resolve("auto", platform)  # already said for a missing library; this reason is new
-        import sys
-
         print(f"rsjax: oneDNN training kernels unavailable: {reason}; using XLA's convolutions", file=sys.stderr)
     return ok
+
+
+def primitive_info(x_shape, w_shape, strides, padding, kind="fwd"):
+    """The implementation oneDNN runs for primitive ``kind`` (fwd, bwd_data, bwd_weights) of a
+    convolution of NHWC ``x_shape`` with HWIO ``w_shape`` (e.g. ``brg_conv_fwd:avx2``), with
+    `` +relayout`` when the HWIO weights are reordered per call."""
+    from rsjax.kernels import onednn
+
+    lib, reason = onednn.load()
+    if lib is None:
+        return f"unavailable: {reason}"
+    (pt, pb), (pl, pr) = padding
+    p = (*x_shape, w_shape[3], w_shape[0], w_shape[1], strides[0], strides[1], pt, pb, pl, pr)
+    out = ctypes.create_string_buffer(256)
+    lib.rsjax_onednn_train_impl((ctypes.c_int64 * 13)(*p), list(SYMBOLS).index(kind), out, len(out))
+    return out.value.decode(errors="replace")
 
 
 def conv(x, w, strides, padding, mesh=None):
@@ -207,6 +222,11 @@ def conv(x, w, strides, padding, mesh=None):
     if not ok:
         raise RsjaxError(f"oneDNN training kernels: {reason}")
     strides, padding = tuple(int(s) for s in strides), tuple((int(a), int(b)) for a, b in padding)
+    if min(strides) < 1 or min(min(p) for p in padding) < 0:
+        raise RsjaxError(f"oneDNN convolution: strides {strides} must be >= 1 and padding {padding} >= 0")
+    if min(_out_hw(x.shape[1:3], w.shape[:2], strides, padding)) < 1:
+        raise RsjaxError(f"oneDNN convolution: a {w.shape[0]}x{w.shape[1]} kernel on a {x.shape[1]}x{x.shape[2]} "
+                         f"input with padding {padding} has no output")
     bind = functools.partial(conv_p.bind, strides=strides, padding=padding)
     if mesh is None or mesh.size == 1:
         return bind(x, w)
@@ -237,7 +257,10 @@ def train_interceptor(mesh=None):
         plain = (len(ks) == 2 and mod.feature_group_count == 1 and mod.input_dilation in (None, 1, (1, 1))
                  and mod.kernel_dilation in (None, 1, (1, 1)) and pads is not None and mod.mask is None
                  and dtype == jnp.float32 and kernel.dtype == jnp.float32 and x.dtype == jnp.float32
-                 and all(p >= 0 for pp in pads for p in pp) and x.shape[0] % (mesh.size if mesh else 1) == 0)
+                 and all(p >= 0 for pp in pads for p in pp) and x.shape[0] % (mesh.size if mesh else 1) == 0
+                 and getattr(mod, "conv_general_dilated", None) is None
+                 and not getattr(mod, "conv_general_dilated_cls", None)
+                 and min(_out_hw(x.shape[1:3], ks, strides, pads)) >= 1)
         if not plain:
             return next_fun(*args, **kwargs)
         y = conv(x, kernel, strides, pads, mesh)
@@ -248,4 +271,4 @@ def train_interceptor(mesh=None):
     return interceptor
 
 
-__all__ = ["bwd_data_p", "bwd_weights_p", "conv", "conv_p", "load", "resolve", "train_interceptor"]
+__all__ = ["bwd_data_p", "bwd_weights_p", "conv", "conv_p", "load", "primitive_info", "resolve", "train_interceptor"]

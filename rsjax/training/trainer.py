@@ -41,8 +41,8 @@ from rsjax.errors import RsjaxError
 SETTINGS_FILE = "settings.json"
 OWNED = ("settings.json", "checkpoints", "model", "log.txt", "metrics.jsonl", "curves.png", "certify")
 LOG_HEADER = "epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"
-# settings that may change between a run and its resumption (they do not change the trained bits)
-# settings a resumed run may change (cpu_kernels: the same step up to float rounding)
+# settings that may change between a run and its resumption: none changes the trained bits, except
+# cpu_kernels, which changes them by float rounding only (the same step in other kernels)
 RESUMABLE = ("epochs", "checkpoint_every_steps", "keep_checkpoints", "certify_every", "certify_n0", "certify_n",
              "certify_alpha", "certify_subset", "test_batch", "cpu_kernels")
 

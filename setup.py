@@ -56,6 +56,7 @@ class OptionalBuildExt(build_ext):
 ext_modules = []
 if sys.platform.startswith("linux"):
     ext_modules.append(Extension("rsjax.kernels._onednn", ["csrc/onednn_conv.cc", "csrc/onednn_train.cc"], language="c++",
+                                 depends=["csrc/onednn_common.h"],
                                  extra_compile_args=["-O2", "-std=c++17", "-w"], optional=True))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

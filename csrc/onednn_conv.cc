@@ -27,12 +27,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 
 namespace {
+
+using rsjax_onednn::Engine;
+using rsjax_onednn::Scratch;
+using rsjax_onednn::Stream;
 
 // The problem, apart from the batch: the layout of the int64 arrays passed from Python.
 enum : int { kDtype, kH, kW, kC, kO, kKh, kKw, kSh, kSw, kPt, kPb, kPl, kPr, kRelu, kSum, kBias, kNumParams };
@@ -49,16 +54,6 @@ struct Problem {
     return k;
   }
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
-
-dnnl::stream& Stream() {
-  thread_local dnnl::stream s(Engine());
-  return s;
-}
 
 dnnl::convolution_forward::primitive_desc MakePd(const Problem& pb, int64_t n) {
   const int64_t* p = pb.p;
@@ -121,12 +116,6 @@ std::shared_ptr<Entry> Get(const Problem& pb, int64_t n) {
   e->scratch_bytes = e->pd.scratchpad_desc().get_size();
   g_cache[k] = e;
   return e;
-}
-
-std::vector<uint8_t>& Scratch(size_t bytes, int which) {
-  thread_local std::vector<uint8_t> buf[2];
-  if (buf[which].size() < bytes) buf[which].resize(bytes);
-  return buf[which];
 }
 
 // y = conv(x, blob) + bias (+ y_in if sum) then relu: the buffers are raw pointers.

@@ -25,12 +25,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 
 namespace {
+
+using rsjax_onednn::Engine;
+using rsjax_onednn::Scratch;
+using rsjax_onednn::Stream;
 
 enum Kind : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
@@ -51,16 +56,6 @@ struct Shape {
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
-
-dnnl::stream& Stream() {
-  thread_local dnnl::stream s(Engine());
-  return s;
-}
 
 dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
@@ -124,12 +119,6 @@ std::shared_ptr<Entry> Get(const Shape& s, int kind) {
   }
   g_cache[k] = e;
   return e;
-}
-
-std::vector<uint8_t>& Scratch(size_t bytes, int which) {
-  thread_local std::vector<uint8_t> buf[2];
-  if (buf[which].size() < bytes) buf[which].resize(bytes);
-  return buf[which];
 }
 
 // Runs primitive `kind` on raw buffers: `a` is x (fwd, bwd weights) or g (bwd data), `b` is W

@@ -159,9 +159,16 @@ void Run(const Shape& s, int kind, const void* a, const void* b, void* out) {
   st.wait();
 }
 
-ffi::Error Check(const Shape& s, bool ok) {
-  if (!ok || s.sh < 1 || s.sw < 1 || s.oh() < 1 || s.ow() < 1)
-    return ffi::Error::InvalidArgument("onednn train conv: operand shapes do not match the convolution");
+// The problem of a convolution of x (N, H, W, C) with W (KH, KW, C, O) giving y (N, OH, OW, O),
+// whichever of the three is the handler's output; InvalidArgument unless the shapes agree.
+template <typename Dims>
+ffi::Error MakeShape(Dims xd, Dims wd, Dims yd, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                     int64_t pr, Shape* s) {
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("onednn: 4-d operands");
+  *s = Shape{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1], sh, sw, pt, pb, pl, pr};
+  bool ok = wd[2] == s->c && yd[0] == s->n && yd[3] == s->o && sh >= 1 && sw >= 1 && s->oh() >= 1 &&
+            s->ow() >= 1 && yd[1] == s->oh() && yd[2] == s->ow();
+  if (!ok) return ffi::Error::InvalidArgument("onednn train conv: operand shapes do not match the convolution");
   return ffi::Error::Success();
 }
 
@@ -180,41 +187,29 @@ ffi::Error Call(const Shape& s, int kind, const void* a, const void* b, void* ou
   return ffi::Error::Success();
 }
 
-// y (N, OH, OW, O) = conv(x (N, H, W, C), W (KH, KW, C, O))
+// y = conv(x, W)
 ffi::Error FwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("onednn: 4-d operands");
-  Shape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1], sh, sw, pt, pb, pl, pr};
-  auto err = Check(s, wd[2] == s.c && yd[0] == s.n && yd[1] == s.oh() && yd[2] == s.ow() && yd[3] == s.o);
+  Shape s;
+  auto err = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, &s);
   if (!err.success()) return err;
   return Call(s, kFwd, x.typed_data(), w.typed_data(), y->typed_data(), y->size_bytes());
 }
 
-// dx (N, H, W, C) from g (N, OH, OW, O) and W (KH, KW, C, O)
+// dx from g (y-shaped) and W
 ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  auto gd = g.dimensions();
-  auto wd = w.dimensions();
-  auto xd = dx->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || gd.size() != 4) return ffi::Error::InvalidArgument("onednn: 4-d operands");
-  Shape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1], sh, sw, pt, pb, pl, pr};
-  auto err = Check(s, wd[2] == s.c && gd[0] == s.n && gd[1] == s.oh() && gd[2] == s.ow() && gd[3] == s.o);
+  Shape s;
+  auto err = MakeShape(dx->dimensions(), w.dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr, &s);
   if (!err.success()) return err;
   return Call(s, kBwdData, g.typed_data(), w.typed_data(), dx->typed_data(), dx->size_bytes());
 }
 
-// dW (KH, KW, C, O) from x (N, H, W, C) and g (N, OH, OW, O)
+// dW (HWIO) from x and g (y-shaped)
 ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  auto xd = x.dimensions();
-  auto gd = g.dimensions();
-  auto wd = dw->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || gd.size() != 4) return ffi::Error::InvalidArgument("onednn: 4-d operands");
-  Shape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], wd[1], sh, sw, pt, pb, pl, pr};
-  auto err = Check(s, wd[2] == s.c && gd[0] == s.n && gd[1] == s.oh() && gd[2] == s.ow() && gd[3] == s.o);
+  Shape s;
+  auto err = MakeShape(x.dimensions(), dw->dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr, &s);
   if (!err.success()) return err;
   return Call(s, kBwdWeights, x.typed_data(), g.typed_data(), dw->typed_data(), dw->size_bytes());
 }

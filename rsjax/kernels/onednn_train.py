@@ -83,12 +83,22 @@ def _conv_impl(x, w, *, strides, padding):
     return _ffi("fwd", _conv_shape(x, w, strides, padding), x, w, strides, padding)
 
 
+def _bwd_data_shape(g, w, *, strides, padding, in_hw):
+    return (g.shape[0],) + tuple(in_hw) + (w.shape[2],)
+
+
 def _bwd_data_impl(g, w, *, strides, padding, in_hw):
-    return _ffi("bwd_data", (g.shape[0],) + tuple(in_hw) + (w.shape[2],), g, w, strides, padding)
+    return _ffi("bwd_data", _bwd_data_shape(g, w, strides=strides, padding=padding, in_hw=in_hw), g, w, strides,
+                padding)
+
+
+def _bwd_weights_shape(x, g, *, strides, padding, k_hw):
+    return tuple(k_hw) + (x.shape[3], g.shape[3])
 
 
 def _bwd_weights_impl(x, g, *, strides, padding, k_hw):
-    return _ffi("bwd_weights", tuple(k_hw) + (x.shape[3], g.shape[3]), x, g, strides, padding)
+    return _ffi("bwd_weights", _bwd_weights_shape(x, g, strides=strides, padding=padding, k_hw=k_hw), x, g, strides,
+                padding)
 
 
 def _num_varying(aval):
@@ -109,8 +119,8 @@ def _abstract(shape_fn):
 
 
 conv_p.def_abstract_eval(_abstract(_conv_shape))
-bwd_data_p.def_abstract_eval(_abstract(lambda g, w, *, strides, padding, in_hw: (g.shape[0],) + tuple(in_hw) + (w.shape[2],)))
-bwd_weights_p.def_abstract_eval(_abstract(lambda x, g, *, strides, padding, k_hw: tuple(k_hw) + (x.shape[3], g.shape[3])))
+bwd_data_p.def_abstract_eval(_abstract(_bwd_data_shape))
+bwd_weights_p.def_abstract_eval(_abstract(_bwd_weights_shape))
 for _p, _impl in ((conv_p, _conv_impl), (bwd_data_p, _bwd_data_impl), (bwd_weights_p, _bwd_weights_impl)):
     _p.def_impl(_impl)
     mlir.register_lowering(_p, mlir.lower_fun(_impl, multiple_results=False), platform="cpu")
@@ -240,7 +250,7 @@ def train_interceptor(mesh=None):
     """Flax method interceptor: every plain 2-D ``nn.Conv`` (float32, no dilation, one feature
     group, explicit or SAME/VALID padding) computes :func:`conv` with its own kernel and bias;
     anything else runs unchanged."""
-    from rsjax.kernels.onednn import _pairs
+    from rsjax.kernels.onednn import conv_problem
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
@@ -248,21 +258,15 @@ def train_interceptor(mesh=None):
                 or getattr(args[0], "ndim", 0) != 4):
             return next_fun(*args, **kwargs)
         x = args[0]
-        ks = tuple(mod.kernel_size)
-        strides = mod.strides if mod.strides is not None else 1
-        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
         kernel = mod.get_variable("params", "kernel")
         dtype = jnp.dtype(mod.dtype or jnp.result_type(x, kernel))
-        pads = _pairs(mod.padding, *ks, strides, x.shape[1:3]) if len(ks) == 2 else None
-        plain = (len(ks) == 2 and mod.feature_group_count == 1 and mod.input_dilation in (None, 1, (1, 1))
-                 and mod.kernel_dilation in (None, 1, (1, 1)) and pads is not None and mod.mask is None
-                 and dtype == jnp.float32 and kernel.dtype == jnp.float32 and x.dtype == jnp.float32
-                 and all(p >= 0 for pp in pads for p in pp) and x.shape[0] % (mesh.size if mesh else 1) == 0
-                 and getattr(mod, "conv_general_dilated", None) is None
-                 and not getattr(mod, "conv_general_dilated_cls", None)
-                 and min(_out_hw(x.shape[1:3], ks, strides, pads)) >= 1)
-        if not plain:
+        # the inference path's test of a plain convolution (dilation, groups, mask, custom conv,
+        # padding, empty output), then float32 throughout and a batch that splits over the mesh
+        params, _ = conv_problem(mod, x.shape, dtype)
+        if (params is None or dtype != jnp.float32 or kernel.dtype != jnp.float32 or x.dtype != jnp.float32
+                or x.shape[0] % (mesh.size if mesh else 1)):
             return next_fun(*args, **kwargs)
+        strides, pads = params[7:9], ((params[9], params[10]), (params[11], params[12]))
         y = conv(x, kernel, strides, pads, mesh)
         if mod.use_bias:
             y = y + mod.get_variable("params", "bias")

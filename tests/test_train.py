@@ -264,6 +264,24 @@ def test_outdir_of_other_settings_is_refused_and_kept(tmp_path):
     assert not (out / "log.txt").exists()
 
 
+def test_a_run_written_before_an_option_existed_resumes_at_its_default(tmp_path):
+    from rsjax.training.trainer import SETTINGS_FILE, prepare_outdir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"dataset": "mnist", "batch": 64, "objective": {"lbd": 12.0}}
+    (out / SETTINGS_FILE).write_text(json.dumps(old))
+    new = {"dataset": "mnist", "batch": 64, "objective": {"lbd": 12.0, "lbd_warmup_epochs": 0}}
+    defaults = {"batch": 400, "objective": {"lbd": 12.0, "lbd_warmup_epochs": 0}}
+    assert prepare_outdir(out, new, overwrite=False, defaults=defaults) is True
+    # an option away from its default is another run; so is a recorded value the defaults do not override
+    with pytest.raises(RsjaxError, match="other settings .*objective"):
+        prepare_outdir(out, {**new, "objective": {"lbd": 12.0, "lbd_warmup_epochs": 3}}, overwrite=False,
+                       defaults=defaults)
+    with pytest.raises(RsjaxError, match="other settings .*objective"):
+        prepare_outdir(out, new, overwrite=False)  # without the defaults the new key is a difference
+
+
 # ----------------------------------------------------------------------------- several hosts
 
 

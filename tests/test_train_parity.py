@@ -7,6 +7,7 @@ loop body: locuslab/smoothing ``code/train.py`` ``train()``, RuntianZ/macer ``ma
 ``macer_train()``.
 """
 
+import copy
 import functools
 
 import jax
@@ -48,7 +49,7 @@ def assert_same_variables(variables, net, rtol=1e-5, atol=1e-6):
                                    err_msg="/".join(p))
 
 
-def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std, kernels="xla"):
+def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std, kernels="xla", epoch=0):
     obj = get_objective(method)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     apply = functools.partial(S.train_apply, flax_model, np.asarray(mean, np.float32), np.asarray(std, np.float32),
@@ -66,7 +67,7 @@ def rsjax_steps(flax_model, variables, method, obj_cfg, batches, mean, std, kern
     step = S.make_train_step(obj, obj_cfg, tx, apply, mesh, state, seed=SEED, sigma=SIGMA, num_classes=10)
     losses = []
     for b in batches:
-        state, sums = step(state, jax.device_put(b, S.batch_sharding(mesh)), np.int32(0))
+        state, sums = step(state, jax.device_put(b, S.batch_sharding(mesh)), np.int32(epoch))
         losses.append(float(sums["loss"]) / len(b["y"]))
     out = {"params": state.params}
     if bs:
@@ -111,7 +112,7 @@ def torch_cohen_steps(model, batches, shape):
     return losses
 
 
-def torch_macer_steps(model, batches, shape, sigma, lbd, gauss_num, beta, gamma, num_classes=10):
+def torch_macer_steps(model, batches, shape, sigma, lbd, gauss_num, beta, gamma, num_classes=10, epoch=0):
     """RuntianZ/macer macer.py macer_train(): the loop body, noise given instead of randn_like."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     model.train()
@@ -123,7 +124,7 @@ def torch_macer_steps(model, batches, shape, sigma, lbd, gauss_num, beta, gamma,
         new_shape = [input_size * gauss_num]
         new_shape.extend(inputs[0].shape)
         inputs = inputs.repeat((1, gauss_num, 1, 1)).view(new_shape)
-        eps = np.asarray(per_example_normal(example_keys(SEED, jnp.asarray(b["idx"]), 0), (gauss_num,) + shape))
+        eps = np.asarray(per_example_normal(example_keys(SEED, jnp.asarray(b["idx"]), epoch), (gauss_num,) + shape))
         noise = torch.from_numpy(np.array(np.moveaxis(eps, -1, -3), order="C")).reshape(new_shape) * sigma
         noisy_inputs = inputs + noise
 
@@ -225,3 +226,26 @@ def test_macer_step_matches_macer_py(arch, kernels):
                               kernels)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     assert_same_variables(out, net)
+
+
+def test_macer_lambda_warmup_is_the_deferred_reference_step():
+    """--lbd-warmup-epochs E: epochs < E are MACER's step with lambda 0 (smoothing-consistency's
+    train_macer.py --deferred), epoch E on the step with lambda; the control: the two differ."""
+    torch.manual_seed(0)
+    net, flax_model, shape = LeNet(), FlaxLeNet(num_classes=10), (28, 28, 1)
+    variables = flax_from_torch(net, flax_model, shape)
+    batches = make_batches(shape)
+    with torch.no_grad():
+        for b in batches:
+            b["y"][:6] = net(to_nchw(b["x"])).argmax(1).numpy()[:6]
+    cfg = MacerConfig(gauss_num=4, lbd=12.0, gamma=8.0, beta=16.0, lbd_warmup_epochs=2)
+    args = (batches, shape, SIGMA)
+    ref0, _ = torch_macer_steps(copy.deepcopy(net), *args, 0.0, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=1)
+    ref12, kept = torch_macer_steps(copy.deepcopy(net), *args, cfg.lbd, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=2)
+    assert sum(k for k, _ in kept) > 0, kept
+    mean, std = (0.0,), (1.0,)
+    warm, _ = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=1)
+    after, _ = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=2)
+    np.testing.assert_allclose(warm, ref0, atol=1e-5)
+    np.testing.assert_allclose(after, ref12, atol=1e-5)
+    assert np.abs(np.asarray(ref12) - np.asarray(ref0)).max() > 1e-2  # the hinge term counts

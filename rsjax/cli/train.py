@@ -13,7 +13,6 @@ def add_parser(p, name="train"):
     from rsjax.training.trainer import PRESETS, TrainConfig
 
     _load_plugins()
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("dataset", help="mnist, cifar10 or imagenet")
     p.add_argument("arch", help="lenet, cifar_resnet20 ... cifar_resnet110, resnet50")
     p.add_argument("outdir", help="run directory (rerun the same command to resume)")

@@ -227,9 +227,12 @@ class MacerConfig:
     lbd: float = option(12.0, "lambda: weight of the robustness loss (the code uses 12 for every sigma)")
     gamma: float = option(8.0, "hinge: samples with xi > gamma contribute 0 (MACER --gamma)")
     beta: float = option(16.0, "inverse softmax temperature of the robustness term only (MACER --beta)")
+    lbd_warmup_epochs: int = option(0, "lambda = 0 for the first E epochs, then --lbd (MACER's code: 0; "
+                                       "jh-jeong/smoothing-consistency train_macer.py --deferred: lr_step_size + 1)")
 
     def __post_init__(self):
         check(self.gauss_num >= 1, f"--gauss-num must be >= 1, got {self.gauss_num}")
+        check(self.lbd_warmup_epochs >= 0, f"--lbd-warmup-epochs must be >= 0, got {self.lbd_warmup_epochs}")
         check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
         check(self.gamma > 0, f"--gamma must be > 0, got {self.gamma}")
         check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
@@ -261,14 +264,16 @@ def macer_terms(logits, y, sigma, *, beta, gamma):
 
 def macer_loss(cfg: MacerConfig, params, ctx: Context):
     """MACER (Zhai et al. 2020, ``macer.py``): the B*k noisy copies (an image's copies adjacent, as
-    ``inputs.repeat((1, k, 1, 1))``) through the network in train mode, total (L_C + lambda L_R) / B."""
+    ``inputs.repeat((1, k, 1, 1))``) through the network in train mode, total (L_C + lambda L_R) / B,
+    with lambda = 0 while ``ctx.epoch < cfg.lbd_warmup_epochs`` (L_R is still logged)."""
     b, k = ctx.x.shape[0], cfg.gauss_num
     eps = per_example_normal(ctx.keys, (k,) + ctx.x.shape[1:], ctx.x.dtype)  # (B, k, H, W, C)
     noisy = (ctx.x[:, None] + ctx.sigma * eps).reshape((b * k,) + ctx.x.shape[1:])
     logits, batch_stats = ctx.apply_fn(params, ctx.batch_stats, noisy)
     logits = logits.reshape(b, k, -1)
     lc, lr, correct = macer_terms(logits, ctx.y, ctx.sigma, beta=cfg.beta, gamma=cfg.gamma)
-    total = lc + cfg.lbd * lr
+    lbd = jnp.where(ctx.epoch < cfg.lbd_warmup_epochs, 0.0, cfg.lbd) if cfg.lbd_warmup_epochs else cfg.lbd
+    total = lc + lbd * lr
     metrics = {"loss": total, "classification_loss": lc, "robustness_loss": lr}
     return total / b, LossOutput(batch_stats=batch_stats, metrics=metrics, correct=correct)
 

@@ -154,11 +154,24 @@ def run_settings(cfg: TrainConfig, objective_cfg, dataset: str, arch: str, data_
             "data_sha256": data_hash, "num_examples": num_examples}
 
 
-def prepare_outdir(outdir: Path, settings: dict, *, overwrite: bool) -> bool:
+def with_defaults(old: dict, defaults: dict) -> dict:
+    """``old`` settings with the options it does not record (added to rsjax after that run was
+    written) at their ``defaults``, the values it ran with; nested dicts (``objective``) too."""
+    out = dict(old)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = with_defaults(out[k], v)
+    return out
+
+
+def prepare_outdir(outdir: Path, settings: dict, *, overwrite: bool, defaults: dict | None = None) -> bool:
     """Check OUTDIR before anything is written. Returns True when an existing run resumes.
 
     Raises RsjaxError when OUTDIR holds files that are not a run's, or a run of other settings
-    (``overwrite`` starts over, removing only what a run writes)."""
+    (``overwrite`` starts over, removing only what a run writes). ``defaults``: the settings of
+    options at their defaults, which a run recorded before the option existed ran with."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise RsjaxError(f"{outdir}: exists and is not a directory")
@@ -184,6 +197,7 @@ def prepare_outdir(outdir: Path, settings: dict, *, overwrite: bool) -> bool:
             elif p.exists():
                 p.unlink()
         return False
+    old = with_defaults(old, defaults or {})
     diff = [k for k in sorted(set(old) | set(settings)) if k not in RESUMABLE and old.get(k) != settings.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
@@ -435,7 +449,8 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
     variables = init_variables(arch, num_classes, cfg.seed, cfg.init)
     settings = run_settings(cfg, objective_cfg, dataset, arch, data.fingerprint(), len(data))
     settings["normalization"] = norm
-    resuming = prepare_outdir(outdir, settings, overwrite=overwrite)
+    resuming = prepare_outdir(outdir, settings, overwrite=overwrite,
+                              defaults={**to_dict(TrainConfig()), "objective": to_dict(type(objective_cfg)())})
 
     # --- the computation
     mesh = Mesh(np.array(mesh_devices), (S.DATA_AXIS,))

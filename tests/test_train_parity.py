@@ -240,12 +240,15 @@ def test_macer_lambda_warmup_is_the_deferred_reference_step():
             b["y"][:6] = net(to_nchw(b["x"])).argmax(1).numpy()[:6]
     cfg = MacerConfig(gauss_num=4, lbd=12.0, gamma=8.0, beta=16.0, lbd_warmup_epochs=2)
     args = (batches, shape, SIGMA)
-    ref0, _ = torch_macer_steps(copy.deepcopy(net), *args, 0.0, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=1)
-    ref12, kept = torch_macer_steps(copy.deepcopy(net), *args, cfg.lbd, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=2)
+    net0, net12 = copy.deepcopy(net), copy.deepcopy(net)
+    ref0, _ = torch_macer_steps(net0, *args, 0.0, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=1)
+    ref12, kept = torch_macer_steps(net12, *args, cfg.lbd, cfg.gauss_num, cfg.beta, cfg.gamma, epoch=2)
     assert sum(k for k, _ in kept) > 0, kept
     mean, std = (0.0,), (1.0,)
-    warm, _ = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=1)
-    after, _ = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=2)
+    warm, out_warm = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=1)
+    after, out_after = rsjax_steps(flax_model, variables, "macer", cfg, batches, mean, std, epoch=2)
     np.testing.assert_allclose(warm, ref0, atol=1e-5)
     np.testing.assert_allclose(after, ref12, atol=1e-5)
+    assert_same_variables(out_warm, net0)
+    assert_same_variables(out_after, net12)
     assert np.abs(np.asarray(ref12) - np.asarray(ref0)).max() > 1e-2  # the hinge term counts

@@ -272,8 +272,7 @@ def macer_loss(cfg: MacerConfig, params, ctx: Context):
     logits, batch_stats = ctx.apply_fn(params, ctx.batch_stats, noisy)
     logits = logits.reshape(b, k, -1)
     lc, lr, correct = macer_terms(logits, ctx.y, ctx.sigma, beta=cfg.beta, gamma=cfg.gamma)
-    lbd = jnp.where(ctx.epoch < cfg.lbd_warmup_epochs, 0.0, cfg.lbd) if cfg.lbd_warmup_epochs else cfg.lbd
-    total = lc + lbd * lr
+    total = lc + jnp.where(ctx.epoch < cfg.lbd_warmup_epochs, 0.0, cfg.lbd) * lr
     metrics = {"loss": total, "classification_loss": lc, "robustness_loss": lr}
     return total / b, LossOutput(batch_stats=batch_stats, metrics=metrics, correct=correct)
 

@@ -37,10 +37,8 @@ def rsjax_stepper(arch, method, batch, k, sigma=0.25, cpu_kernels="xla"):
 
 def torch_stepper(arch, method, batch, k, device, sigma=0.25):
     import torch
-    import torch.nn.functional as F
-    from torch.distributions.normal import Normal
 
-    from converters.torch_reference import build_net
+    from converters.torch_reference import build_net, macer_loss
     from rsjax.models import input_shape
 
     h, w, c = input_shape(arch)
@@ -49,7 +47,6 @@ def torch_stepper(arch, method, batch, k, device, sigma=0.25):
     inputs0 = torch.rand(batch, c, h, w, device=device)
     targets = torch.randint(0, 10, (batch,), device=device)
     criterion = torch.nn.CrossEntropyLoss()
-    m = Normal(torch.tensor([0.0], device=device), torch.tensor([1.0], device=device))
 
     def cohen():
         inputs = inputs0 + torch.randn_like(inputs0, device=device) * sigma
@@ -58,23 +55,9 @@ def torch_stepper(arch, method, batch, k, device, sigma=0.25):
         loss.backward()
         opt.step()
 
-    def macer(lbd=12.0, beta=16.0, gamma=8.0):
-        input_size = len(inputs0)
-        new_shape = [input_size * k] + list(inputs0[0].shape)
-        inputs = inputs0.repeat((1, k, 1, 1)).view(new_shape)
-        noisy_inputs = inputs + torch.randn_like(inputs, device=device) * sigma
-        outputs = net(noisy_inputs).reshape((input_size, k, 10))
-        outputs_softmax = F.softmax(outputs, dim=2).mean(1)
-        classification_loss = F.nll_loss(torch.log(outputs_softmax + 1e-10), targets, reduction='sum')
-        beta_outputs_softmax = F.softmax(outputs * beta, dim=2).mean(1)
-        top2_score, top2_idx = torch.topk(beta_outputs_softmax, 2)
-        indices_correct = (top2_idx[:, 0] == targets)
-        out0, out1 = top2_score[indices_correct, 0], top2_score[indices_correct, 1]
-        robustness_loss = m.icdf(out1) - m.icdf(out0)
-        indices = ~torch.isnan(robustness_loss) & ~torch.isinf(robustness_loss) & (torch.abs(robustness_loss) <= gamma)
-        out0, out1 = out0[indices], out1[indices]
-        robustness_loss = (m.icdf(out1) - m.icdf(out0) + gamma).sum() * sigma / 2
-        loss = (classification_loss + lbd * robustness_loss) / input_size
+    def macer():
+        noise = torch.randn((len(inputs0) * k,) + tuple(inputs0.shape[1:]), device=device)
+        loss = macer_loss(net, inputs0, targets, noise, sigma=sigma)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -288,3 +288,31 @@ def randomize_batchnorm_(model, generator=None, calibrate=None):
             m.running_var.mul_(0.8 + 0.45 * torch.rand(c, generator=g))
             m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
     return model
+
+
+# ---------------------------------------------------------------- MACER's loss (for benchmarks and reference runs)
+
+def macer_loss(net, inputs, targets, noise, *, sigma, lbd=12.0, beta=16.0, gamma=8.0):
+    """MACER's objective as RuntianZ/macer ``macer.py`` computes it (spec 3.1), on NCHW ``inputs``
+    (B images) and ``noise`` (B*k standard normal copies, an image's copies adjacent):
+    ``(L_C + lbd * L_R) / B`` with ``L_C = sum_i -log(mean_j softmax(z_ij)[y_i] + 1e-10)`` and
+    ``L_R = sigma/2 sum_kept (gamma - (Phi^-1(a_i) - Phi^-1(b_i)))`` over top-2 ``a_i >= b_i`` of
+    ``mean_j softmax(beta z_ij)``, kept when the argmax is ``y_i`` and the gap is finite and <= gamma
+    (``torch.distributions.Normal.icdf``, as the reference). Returns (loss, L_C, L_R, correct)."""
+    from torch.distributions.normal import Normal
+
+    b, k = len(inputs), noise.shape[0] // len(inputs)
+    m = Normal(torch.tensor([0.0], device=inputs.device), torch.tensor([1.0], device=inputs.device))
+    noisy = inputs.repeat((1, k, 1, 1)).view([b * k] + list(inputs.shape[1:])) + noise * sigma
+    outputs = net(noisy).reshape((b, k, -1))
+    softmax = F.softmax(outputs, dim=2).mean(1)
+    classification_loss = F.nll_loss(torch.log(softmax + 1e-10), targets, reduction="sum")
+    top2_score, top2_idx = torch.topk(F.softmax(outputs * beta, dim=2).mean(1), 2)
+    correct = top2_idx[:, 0] == targets
+    out0, out1 = top2_score[correct, 0], top2_score[correct, 1]
+    gap = m.icdf(out1) - m.icdf(out0)
+    keep = ~torch.isnan(gap) & ~torch.isinf(gap) & (torch.abs(gap) <= gamma)
+    out0, out1 = out0[keep], out1[keep]
+    robustness_loss = (m.icdf(out1) - m.icdf(out0) + gamma).sum() * sigma / 2
+    loss = (classification_loss + lbd * robustness_loss) / b
+    return loss, classification_loss, robustness_loss, softmax.argmax(1) == targets

@@ -57,9 +57,13 @@ struct Shape {
   memory::dims pad_r() const { return {pb, pr}; }
 };
 
+// Deterministic implementations only (oneDNN "Primitive Attributes: deterministic"): a training run
+// and its resumption after a kill must give the same bits, so no implementation may reduce through
+// atomics in a run-dependent order.
 dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_deterministic(true);
   return attr;
 }
 

@@ -87,7 +87,7 @@ def add_arguments(parser, cls, *, prefix: str = "", title: Optional[str] = None)
         typ, optional = _base_type(hints[f.name])
         default = f.default
         help_ = f.metadata.get("help", "")
-        if default is not _MISSING:
+        if default is not _MISSING and default is not None:  # a None default's help says what none means
             help_ = f"{help_} (default: {default})" if help_ else f"default: {default}"
         kwargs = dict(dest=prefix.replace("-", "_") + f.name, help=help_, default=None)
         if typ is bool:

@@ -43,6 +43,8 @@ def test_flags_from_fields_and_defaults_from_the_dataclass():
     help_text = p.format_help()
     assert "--toy-search {grid,bisection}" in help_text and "how sigma is searched (default: grid)" in help_text
     assert "--toy-memory, --no-toy-memory" in help_text and "toy options" in help_text
+    # a None default is explained by its help, not printed as "None"
+    assert "start (default: SIGMA)" in help_text and "None" not in help_text
     cfg = config.from_args(Toy, p.parse_args([]))
     assert cfg == Toy()
     cfg = config.from_args(Toy, p.parse_args(["--toy-left", "0.2", "--toy-steps", "7", "--toy-memory",

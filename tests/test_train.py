@@ -126,6 +126,12 @@ def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path):
     pd.testing.assert_frame_equal(rows_without_time(full / "log.txt"), rows_without_time(killed / "log.txt"))
     rows = [json.loads(ln) for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # the default --cpu-kernels auto ran oneDNN's convolutions wherever the extension loads (bit-identical
+    # resume included: its training primitives are created deterministic), else XLA's
+    from rsjax.kernels.onednn_train import load
+
+    expected = "onednn" if load()[0] else "xla"
+    assert meta["training"]["kernels"] == expected and {r["kernels"] for r in rows} == {expected}
     assert (full / "curves.png").stat().st_size > 1000
     # the trained model learned the band task (a real signal, not a constant)
     log = pd.read_csv(full / "log.txt", delimiter="\t")

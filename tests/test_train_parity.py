@@ -252,3 +252,27 @@ def test_macer_lambda_warmup_is_the_deferred_reference_step():
     assert_same_variables(out_warm, net0)
     assert_same_variables(out_after, net12)
     assert np.abs(np.asarray(ref12) - np.asarray(ref0)).max() > 1e-2  # the hinge term counts
+
+
+def test_torch_reference_macer_loss_is_macer_py():
+    """converters.torch_reference.macer_loss (used by benchmarks/ and scripts/macer_torch_reference.py)
+    is the loss of macer.py's loop body on the same batch and noise; control: lambda 0 differs."""
+    from converters.torch_reference import macer_loss
+
+    torch.manual_seed(0)
+    net, shape = LeNet(), (28, 28, 1)
+    batches = make_batches(shape, n=1)
+    with torch.no_grad():
+        b = batches[0]
+        b["y"][:6] = net(to_nchw(b["x"])).argmax(1).numpy()[:6]
+    k = 4
+    noise = noise_nchw(b["idx"], (k,) + shape).reshape((len(b["y"]) * k,) + (1, 28, 28))
+    targets = torch.from_numpy(b["y"].astype(np.int64))
+    net.train()
+    with torch.no_grad():
+        loss, _, lr, _ = macer_loss(copy.deepcopy(net), to_nchw(b["x"]), targets, noise, sigma=SIGMA, lbd=12.0)
+        loss0 = macer_loss(copy.deepcopy(net), to_nchw(b["x"]), targets, noise, sigma=SIGMA, lbd=0.0)[0]
+    ref, kept = torch_macer_steps(net, batches, shape, SIGMA, 12.0, k, 16.0, 8.0)
+    assert kept[0][0] > 0 and float(lr) > 0
+    np.testing.assert_allclose(float(loss), ref[0], rtol=1e-6)
+    assert abs(float(loss0) - ref[0]) > 1e-3

@@ -27,6 +27,9 @@ Variable tree (Flax names mirror the torchvision / Cohen state-dict names):
   ``downsample_conv``/``downsample_bn`` (torch ``downsample.0``/``downsample.1``);
 - ``params/fc/{kernel,bias}`` (kernel is ``[in, out]``).
 
+A fresh initialisation is the references' (:mod:`rsjax.models.init`): convolutions N(0, 2 / fan_out),
+``fc`` PyTorch's default U(+-1/sqrt(fan_in)) weight and bias, BatchNorm scale 1 and bias 0.
+
 Every convolution has no bias and is followed by exactly one BatchNorm; the pairs are
 ``convK`` -> ``bnK`` and ``downsample_conv`` -> ``downsample_bn`` inside the same module
 (see :func:`rsjax.models.conv_bn_pairs`), which is what inference-time BN folding needs.
@@ -37,6 +40,8 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from rsjax.models.init import he_fan_out_normal, torch_default_bias, torch_default_kernel
 
 ModuleDef = Any
 
@@ -109,7 +114,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=he_fan_out_normal)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
@@ -128,7 +133,8 @@ class ResNet(nn.Module):
                 x = self.block_cls(self.num_filters * 2 ** i, conv=conv, norm=norm, strides=strides,
                                    name=f"layer{i + 1}_{j}")(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_kernel,
+                        bias_init=torch_default_bias(x.shape[-1]), name="fc")(x)
 
 
 cifar_resnet20 = partial(ResNet, stage_sizes=(3, 3, 3), block_cls=BasicBlock, num_filters=16, stem="cifar")

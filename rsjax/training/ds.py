@@ -89,9 +89,10 @@ class DSConfig:
     ds_clamp_lo: float = option(0.02, "lower clip of the top-2 probabilities before Phi^-1 (reference 0.02)")
     ds_clamp_hi: float = option(0.98, "upper clip (reference 0.98)")
     ds_start_epoch: int = option(0, "0-based epoch from which sigma is optimised (reference --epoch-switch 0)")
-    ds_sigma_min: Optional[float] = option(None, "lower bound of sigma after each step (reference: none; "
-                                                 f"sigma is always >= {SIGMA_FLOOR})")
-    ds_sigma_max: Optional[float] = option(None, "upper bound of sigma after each step (reference: none)")
+    ds_sigma_min: Optional[float] = option(None, "lower bound of sigma after each step (none, as the "
+                                                 f"reference: no bound; sigma is always >= {SIGMA_FLOOR})")
+    ds_sigma_max: Optional[float] = option(None, "upper bound of sigma after each step (none, as the reference: "
+                                                 "no bound)")
     ds_bn: str = option("train", "BatchNorm in the sigma passes: train (reference: batch statistics, "
                                  "running averages updated by every pass) or frozen (running averages kept)",
                         choices=BN_MODES)

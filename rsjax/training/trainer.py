@@ -72,7 +72,9 @@ class TrainConfig:
     normalization: str = option("auto", "input normalisation inside the model: auto (Cohen: dataset mean/std; "
                                 "MACER and MNIST: none), meanstd, center, none",
                                 choices=("auto", "meanstd", "center", "none"))
-    init: Optional[str] = option(None, "initial weights: an rsjax model directory or a PyTorch checkpoint")
+    init: Optional[str] = option(None, "initial weights: an rsjax model directory or a PyTorch checkpoint "
+                                             "(none: drawn from --seed in the reference network's laws, "
+                                             "rsjax.models.init)")
     test_split: str = option("auto", "split of the per-epoch test loss (auto: test when training on train, "
                              "none otherwise)", choices=("auto", "train", "test", "none"))
     test_subset: str = option(":", "START:STOP of the test split")
@@ -84,9 +86,10 @@ class TrainConfig:
     certify_n0: int = option(100, "selection draws of --certify-every")
     certify_n: int = option(1000, "estimation draws of --certify-every")
     certify_alpha: float = option(0.001, "failure probability of --certify-every")
-    cpu_kernels: str = option("xla", "convolutions of the train step on a CPU: xla, or onednn (the forward pass and "
-                              "both gradients in oneDNN, docs/onednn.md; the same step up to float rounding), or "
-                              "auto (onednn where the extension loads)", choices=("auto", "onednn", "xla"))
+    cpu_kernels: str = option("auto", "convolutions of the train step on a CPU: onednn (the forward pass and both "
+                              "gradients in oneDNN, docs/onednn.md; the same step up to float rounding), xla, or "
+                              "auto (onednn where the extension loads and the backend is a CPU, else xla)",
+                              choices=("auto", "onednn", "xla"))
 
     def __post_init__(self):
         from rsjax.training.step import parse_schedule
@@ -529,7 +532,8 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
                 jax.block_until_ready(state.sums)
                 last_row = _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, names, spe,
                                       time.time() - epoch_started, images_seen, test, eval_step, mesh, data,
-                                      settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log)
+                                      settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log,
+                                      "onednn" if use_onednn else "xla")
                 state = state.replace(sums=jax.tree_util.tree_map(jnp.zeros_like, state.sums))
                 mngr.save(done, args=ocp.args.StandardSave(_to_tree(state)))
             elif cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0:
@@ -564,15 +568,18 @@ def _host(tree):
 
 
 def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, names, spe, seconds, images_seen, test,
-               eval_step, mesh, data, settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log):
-    """The epoch's rows, model, curves, certification and objective hook (before its checkpoint)."""
+               eval_step, mesh, data, settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log,
+               kernels):
+    """The epoch's rows, model, curves, certification and objective hook (before its checkpoint);
+    ``kernels`` names the convolutions the step ran (``onednn`` or ``xla``), recorded in both."""
     from rsjax.training.data import eval_batches
     from rsjax.training.step import lr_at_epoch
 
     sums = {k: float(v) for k, v in _host(state.sums).items()}
     n = max(sums["examples"], 1.0)
     lr = float(f"{float(lr_at_epoch(epoch, lr=cfg.lr, schedule=cfg.lr_schedule, gamma=cfg.lr_gamma, epochs=cfg.epochs)):.6g}")
-    row = {"epoch": epoch, "time_s": round(seconds, 3), "lr": lr, "images_per_s": round(images_seen / max(seconds, 1e-9), 1)}
+    row = {"epoch": epoch, "time_s": round(seconds, 3), "lr": lr, "images_per_s": round(images_seen / max(seconds, 1e-9), 1),
+           "kernels": kernels}
     for k in names:
         if k not in ("correct", "examples"):
             row[f"train_{k}"] = sums[k] / n
@@ -596,7 +603,7 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
             "source": "rsjax train", "training": {"method": cfg.method, "epochs": epoch + 1,
                                                    "epochs_planned": cfg.epochs, "steps": (epoch + 1) * spe,
                                                    "data_sha256": settings["data_sha256"],
-                                                   "split": cfg.split, "subset": cfg.subset,
+                                                   "split": cfg.split, "subset": cfg.subset, "kernels": kernels,
                                                    "settings": settings}}
     certified = None
     if cert is not None and ((epoch + 1) % cfg.certify_every == 0 or epoch + 1 == cfg.epochs):

@@ -302,6 +302,8 @@ def macer_loss(net, inputs, targets, noise, *, sigma, lbd=12.0, beta=16.0, gamma
     from torch.distributions.normal import Normal
 
     b, k = len(inputs), noise.shape[0] // len(inputs)
+    if noise.shape[0] != b * k or noise.shape[1:] != inputs.shape[1:]:
+        raise ValueError(f"noise {tuple(noise.shape)} is not k copies of inputs {tuple(inputs.shape)}")
     m = Normal(torch.tensor([0.0], device=inputs.device), torch.tensor([1.0], device=inputs.device))
     noisy = inputs.repeat((1, k, 1, 1)).view([b * k] + list(inputs.shape[1:])) + noise * sigma
     outputs = net(noisy).reshape((b, k, -1))

@@ -58,8 +58,8 @@ struct Shape {
 };
 
 // Deterministic implementations only (oneDNN "Primitive Attributes: deterministic"): a training run
-// and its resumption after a kill must give the same bits, so no implementation may reduce through
-// atomics in a run-dependent order.
+// and its resumption after a kill must give the same bits (same machine, build and thread count), so
+// no implementation may reduce through atomics in a run-dependent order.
 dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);

@@ -102,9 +102,11 @@ def test_process_shares_make_the_global_batch(tmp_path):
 # ----------------------------------------------------------------------------- runs
 
 
-def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path):
+@pytest.mark.parametrize("kernels", ["auto", "xla"])
+def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path, kernels):
+    """auto (the default: oneDNN's convolutions wherever the extension loads) and XLA's (GPU and fallback)."""
     common = ["train", "mnist", "lenet", None, "--data-dir", mnist_dir, "--epochs", "3", "--batch", "8", "--lr", "0.05",
-              "--checkpoint-every-steps", "5", "--test-split", "test", "--quiet"]
+              "--checkpoint-every-steps", "5", "--test-split", "test", "--quiet", "--cpu-kernels", kernels]
     env = subprocess_env()
 
     def cmd(out):
@@ -130,8 +132,9 @@ def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path):
     # resume included: its training primitives are created deterministic), else XLA's
     from rsjax.kernels.onednn_train import load
 
-    expected = "onednn" if load()[0] else "xla"
+    expected = "onednn" if kernels == "auto" and load()[0] else "xla"
     assert meta["training"]["kernels"] == expected and {r["kernels"] for r in rows} == {expected}
+    assert meta["training"]["initialisation"] == "rsjax.models.init"
     assert (full / "curves.png").stat().st_size > 1000
     # the trained model learned the band task (a real signal, not a constant)
     log = pd.read_csv(full / "log.txt", delimiter="\t")

@@ -604,6 +604,9 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
                                                    "epochs_planned": cfg.epochs, "steps": (epoch + 1) * spe,
                                                    "data_sha256": settings["data_sha256"],
                                                    "split": cfg.split, "subset": cfg.subset, "kernels": kernels,
+                                                   # fresh weights drawn in the reference networks' laws
+                                                   "initialisation": ("rsjax.models.init" if cfg.init is None
+                                                                      else "--init"),
                                                    "settings": settings}}
     certified = None
     if cert is not None and ((epoch + 1) % cfg.certify_every == 0 or epoch + 1 == cfg.epochs):

@@ -15,7 +15,7 @@ from scipy.stats import ks_2samp
 
 from converters.pytorch import _to_flax_layout, flax_path_to_torch_key
 from converters.torch_reference import build_net
-from rsjax.models import build_model, input_shape
+from rsjax.models import build_model
 
 # ResNet-50's parameter shapes do not depend on the image size; 64x64 keeps its init cheap.
 SHAPES = {"lenet": (28, 28, 1), "cifar_resnet20": (32, 32, 3), "resnet50": (64, 64, 3)}

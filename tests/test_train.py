@@ -121,7 +121,7 @@ def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path, kernels):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     a, meta = model_variables(full)
-    b, _ = model_variables(killed)
+    b, meta_killed = model_variables(killed)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert meta["training"]["epochs"] == 3 and meta["sigma"] == 0.25 and meta["arch"] == "lenet"
@@ -135,6 +135,11 @@ def test_resume_after_sigkill_is_bit_identical(mnist_dir, tmp_path, kernels):
     expected = "onednn" if kernels == "auto" and load()[0] else "xla"
     assert meta["training"]["kernels"] == expected and {r["kernels"] for r in rows} == {expected}
     assert meta["training"]["initialisation"] == "rsjax.models.init"
+    # the resumed run says where its weights started when an epoch's model before the kill recorded it
+    # (certainly so after a checkpoint of step >= 24: the epoch's model is written before it)
+    assert meta_killed["training"]["initialisation"] in ("rsjax.models.init", "unknown")
+    if killed_at >= 24:
+        assert meta_killed["training"]["initialisation"] == "rsjax.models.init"
     assert (full / "curves.png").stat().st_size > 1000
     # the trained model learned the band task (a real signal, not a constant)
     log = pd.read_csv(full / "log.txt", delimiter="\t")

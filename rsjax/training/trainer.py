@@ -157,6 +157,18 @@ def run_settings(cfg: TrainConfig, objective_cfg, dataset: str, arch: str, data_
             "data_sha256": data_hash, "num_examples": num_examples}
 
 
+def started_from(outdir: Path) -> str:
+    """Where a resumed run's weights started, as its model metadata of an earlier epoch records it:
+    ``rsjax.models.init``, ``--init``, or ``unknown`` when no earlier epoch's model records it (a run
+    killed in its first epoch, or one started before 2026-12-03, when fresh weights were Flax's defaults)."""
+    from rsjax.classifier import META_FILE
+
+    try:
+        return json.loads((Path(outdir) / "model" / META_FILE).read_text())["training"]["initialisation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def with_defaults(old: dict, defaults: dict) -> dict:
     """``old`` settings with the options it does not record (added to rsjax after that run was
     written) at their ``defaults``, the values it ran with; nested dicts (``objective``) too."""
@@ -495,6 +507,12 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
         state = _from_tree(restored)
         start = int(jax.device_get(state.step))
         log(f"resuming {outdir} at step {start} (epoch {start // spe}, step {start % spe} of {spe})")
+    # what the model metadata says of the run beyond its settings: the kernels of this invocation, and
+    # where the weights started, which only the invocation that started the run knows
+    run_info = {"kernels": "onednn" if use_onednn else "xla",
+                "initialisation": "--init" if cfg.init is not None else "rsjax.models.init"}
+    if start:
+        run_info["initialisation"] = started_from(outdir)
     if writer:
         truncate_rows(outdir, start // spe)
         if not (outdir / "log.txt").is_file():
@@ -533,7 +551,7 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
                 last_row = _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, names, spe,
                                       time.time() - epoch_started, images_seen, test, eval_step, mesh, data,
                                       settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log,
-                                      "onednn" if use_onednn else "xla")
+                                      run_info)
                 state = state.replace(sums=jax.tree_util.tree_map(jnp.zeros_like, state.sums))
                 mngr.save(done, args=ocp.args.StandardSave(_to_tree(state)))
             elif cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0:
@@ -569,9 +587,10 @@ def _host(tree):
 
 def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, names, spe, seconds, images_seen, test,
                eval_step, mesh, data, settings, arch, dataset, num_classes, mean, std, norm, n_rows, cert, log,
-               kernels):
+               run_info):
     """The epoch's rows, model, curves, certification and objective hook (before its checkpoint);
-    ``kernels`` names the convolutions the step ran (``onednn`` or ``xla``), recorded in both."""
+    ``run_info`` (``kernels``: the convolutions the step ran, ``onednn`` or ``xla``; ``initialisation``)
+    goes into the model's ``training`` metadata, ``kernels`` into the metrics row too."""
     from rsjax.training.data import eval_batches
     from rsjax.training.step import lr_at_epoch
 
@@ -579,7 +598,7 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
     n = max(sums["examples"], 1.0)
     lr = float(f"{float(lr_at_epoch(epoch, lr=cfg.lr, schedule=cfg.lr_schedule, gamma=cfg.lr_gamma, epochs=cfg.epochs)):.6g}")
     row = {"epoch": epoch, "time_s": round(seconds, 3), "lr": lr, "images_per_s": round(images_seen / max(seconds, 1e-9), 1),
-           "kernels": kernels}
+           "kernels": run_info["kernels"]}
     for k in names:
         if k not in ("correct", "examples"):
             row[f"train_{k}"] = sums[k] / n
@@ -603,10 +622,7 @@ def _end_epoch(outdir, writer, state, epoch, cfg, objective, objective_cfg, name
             "source": "rsjax train", "training": {"method": cfg.method, "epochs": epoch + 1,
                                                    "epochs_planned": cfg.epochs, "steps": (epoch + 1) * spe,
                                                    "data_sha256": settings["data_sha256"],
-                                                   "split": cfg.split, "subset": cfg.subset, "kernels": kernels,
-                                                   # fresh weights drawn in the reference networks' laws
-                                                   "initialisation": ("rsjax.models.init" if cfg.init is None
-                                                                      else "--init"),
+                                                   "split": cfg.split, "subset": cfg.subset, **run_info,
                                                    "settings": settings}}
     certified = None
     if cert is not None and ((epoch + 1) % cfg.certify_every == 0 or epoch + 1 == cfg.epochs):

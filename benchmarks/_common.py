@@ -150,7 +150,21 @@ def versions() -> dict:
         out["torch"] = torch.__version__
     except ImportError:
         out["torch"] = None
+    out["rsjax_git"] = rsjax_git()
     return out
+
+
+def rsjax_git() -> str | None:
+    """The commit of this checkout, with ``+changes`` when tracked files differ from it (None outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+changes" if dirty else "")
 
 
 def machine() -> dict:

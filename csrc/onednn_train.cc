@@ -218,6 +218,17 @@ ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
   return Call(s, kBwdWeights, x.typed_data(), g.typed_data(), dw->typed_data(), dw->size_bytes());
 }
 
+// The identity on a buffer that XLA must materialise: the output aliases the input
+// (input_output_aliases {0: 0}), so nothing is copied unless XLA gave them different buffers.
+// XLA:CPU's fusion pass recomputes elementwise producers inside every consumer instead of reading
+// a buffer they already wrote; routing a value through this opaque call cuts such a chain.
+ffi::Error MaterializeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.size_bytes() != y->size_bytes())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rsjax materialize: input and output sizes differ");
+  if (x.untyped_data() != y->untyped_data()) std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 #define RSJAX_TRAIN_ATTRS                                                                                   \
   .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb").Attr<int64_t>("pl") \
       .Attr<int64_t>("pr")
@@ -239,6 +250,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RsjaxOnednnTrainBwdWeights, BwdWeightsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() RSJAX_TRAIN_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RsjaxMaterialize, MaterializeImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 extern "C" {
 

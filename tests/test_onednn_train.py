@@ -279,3 +279,62 @@ def test_rsjax_train_with_onednn_kernels_and_resume_with_xla(tmp_path, capsys):
     assert len(log) == 3 and log["train loss"].iloc[-1] < log["train loss"].iloc[0]
     assert main(base + ["--epochs", "4", "--cpu-kernels", "xla"]) == 0
     assert len(pd.read_csv(out / "log.txt", delimiter="\t")) == 4
+
+
+def test_materialize_is_the_identity_in_every_mode():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 5, 2)), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(T.materialize)(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: jnp.sum(T.materialize(x) * g))(x)), np.asarray(g))
+    y, t = jax.jvp(T.materialize, (x,), (g,))
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(g))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(T.materialize)(x)), np.asarray(x))
+    # x is not donated: it still holds its values after the aliased call
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def _widest_fusion(hlo: str, batch: int) -> int:
+    """The most batch-sized operands (activations) any fusion of the compiled entry computation reads."""
+    import re
+
+    shapes = dict(re.findall(r"%(\S+) = (f32\[[0-9,]*\])", hlo))
+    widest = 0
+    for line in hlo[hlo.index("ENTRY"):].splitlines():
+        m = re.match(r"\s+%\S+ = \S+ fusion\((.*?)\), kind", line)
+        if m:
+            ops = re.findall(r"%([^,\s)]+)", m.group(1))
+            widest = max(widest, sum(1 for o in ops if shapes.get(o, "").startswith(f"f32[{batch},")))
+    return widest
+
+
+def test_block_outputs_are_materialised(monkeypatch):
+    """Every residual block's output goes through ``rsjax_materialize`` (54 in ResNet-110), which
+    keeps XLA from recomputing the chain of earlier blocks inside the later fusions: the widest
+    fusion of the compiled gradient reads a few activations, against one per earlier block of the
+    stage (up to XLA's limit) without it (the control)."""
+    from jax.sharding import Mesh
+
+    import rsjax.models.resnet as R
+    from rsjax.models import build_model
+    from rsjax.training import step as S
+
+    model = build_model("cifar_resnet110", 10)
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    x = jnp.ones((4, 32, 32, 3))
+
+    def compiled():
+        def loss(params, x):
+            logits, _ = S.train_apply(model, np.zeros(3, np.float32), np.ones(3, np.float32), params,
+                                      v["batch_stats"], x, onednn=True, mesh=mesh)
+            return logits.sum()
+
+        return jax.jit(jax.grad(loss)).lower(v["params"], x).compile().as_text()
+
+    hlo = compiled()
+    assert hlo.count('custom_call_target="rsjax_materialize"') == 54
+    monkeypatch.setattr(R, "RESIDUAL_BLOCKS", ())
+    control = compiled()
+    assert "rsjax_materialize" not in control
+    widest, widest_control = _widest_fusion(hlo, 4), _widest_fusion(control, 4)
+    assert widest <= 6 and widest_control >= 12, (widest, widest_control)

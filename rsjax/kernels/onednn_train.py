@@ -22,6 +22,12 @@ mix of them (DS's sigma slopes, :mod:`rsjax.training.ds`) therefore work to ever
 every derivative is again a oneDNN call. ``vmap`` folds a mapped activation axis into the batch,
 and maps sequentially (``lax.map``) otherwise.
 
+:func:`materialize` is the identity through an opaque call (``RsjaxMaterialize``, its output aliasing
+its input): XLA:CPU's fusion pass recomputes a residual block's output inside every consumer (the
+next block's residual add, the ReLU masks of the backward pass) from the BatchNorm inputs of every
+block before it, so the passes of a stage of L blocks read O(L^2) activations; cut at each block's
+output they read O(L) (docs/training.md, "The step on a CPU").
+
 Across several devices the step is jitted over a ``("data",)`` mesh; a custom call has no
 partitioning rule, so :func:`conv` runs the primitive inside ``shard_map`` over that mesh (the
 batch sharded, the weights replicated and cast to varying, whose transpose is the ``psum`` that
@@ -51,6 +57,7 @@ TARGETS = {"fwd": "rsjax_onednn_train_fwd", "bwd_data": "rsjax_onednn_train_bwd_
            "bwd_weights": "rsjax_onednn_train_bwd_weights"}
 SYMBOLS = {"fwd": "RsjaxOnednnTrainFwd", "bwd_data": "RsjaxOnednnTrainBwdData",
            "bwd_weights": "RsjaxOnednnTrainBwdWeights"}
+MATERIALIZE = ("rsjax_materialize", "RsjaxMaterialize")
 
 
 def _out_hw(in_hw, k_hw, strides, padding):
@@ -184,10 +191,11 @@ def load():
     lib, reason = onednn.load()
     if lib is None:
         return False, reason
-    for kind, sym in SYMBOLS.items():
+    targets = [(TARGETS[kind], sym) for kind, sym in SYMBOLS.items()] + [MATERIALIZE]
+    for target, sym in targets:
         if not hasattr(lib, sym):
             return False, "the extension was built without the training kernels (reinstall rsjax)"
-        jax.ffi.register_ffi_target(TARGETS[kind], jax.ffi.pycapsule(getattr(lib, sym)), platform="cpu")
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, sym)), platform="cpu")
     return True, None
 
 
@@ -246,14 +254,46 @@ def conv(x, w, strides, padding, mesh=None):
                          in_specs=(P("data"), P()), out_specs=P("data"))(x, w)
 
 
+materialize_p = Primitive("rsjax_materialize")
+
+
+def _materialize_impl(x):
+    return jax.ffi.ffi_call(MATERIALIZE[0], jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0})(x)
+
+
+# the identity: the same type (inside shard_map, the same varying axes), the tangent passes
+# through (only primal values are materialised), and a mapped axis stays where it is
+materialize_p.def_abstract_eval(lambda x: x)
+materialize_p.def_impl(_materialize_impl)
+mlir.register_lowering(materialize_p, mlir.lower_fun(_materialize_impl, multiple_results=False), platform="cpu")
+ad.primitive_jvps[materialize_p] = lambda primals, tangents: (materialize_p.bind(primals[0]), tangents[0])
+batching.primitive_batchers[materialize_p] = lambda args, dims: (materialize_p.bind(args[0]), dims[0])
+
+
+def materialize(x, mesh=None):
+    """``x``, computed into a buffer of its own before any consumer reads it (see the module
+    docstring); over ``mesh`` (axis ``"data"``) per device on its shard of the batch."""
+    ok, reason = load()
+    if not ok:
+        raise RsjaxError(f"oneDNN training kernels: {reason}")
+    if mesh is None or mesh.size == 1:
+        return materialize_p.bind(x)
+    return jax.shard_map(materialize_p.bind, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(x)
+
+
 def train_interceptor(mesh=None):
     """Flax method interceptor: every plain 2-D ``nn.Conv`` (float32, no dilation, one feature
-    group, explicit or SAME/VALID padding) computes :func:`conv` with its own kernel and bias;
+    group, explicit or SAME/VALID padding) computes :func:`conv` with its own kernel and bias, and
+    every residual block's output (``rsjax.models.resnet.RESIDUAL_BLOCKS``) goes through :func:`materialize`;
     anything else runs unchanged."""
     from rsjax.kernels.onednn import conv_problem
+    from rsjax.models.resnet import RESIDUAL_BLOCKS
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, RESIDUAL_BLOCKS):
+            out = next_fun(*args, **kwargs)
+            return materialize(out, mesh) if out.shape[0] % (mesh.size if mesh else 1) == 0 else out
         if (context.method_name != "__call__" or not isinstance(mod, nn.Conv) or len(args) != 1 or kwargs
                 or getattr(args[0], "ndim", 0) != 4):
             return next_fun(*args, **kwargs)
@@ -275,4 +315,5 @@ def train_interceptor(mesh=None):
     return interceptor
 
 
-__all__ = ["bwd_data_p", "bwd_weights_p", "conv", "conv_p", "load", "primitive_info", "resolve", "train_interceptor"]
+__all__ = ["bwd_data_p", "bwd_weights_p", "conv", "conv_p", "load", "materialize", "materialize_p", "primitive_info",
+           "resolve", "train_interceptor"]

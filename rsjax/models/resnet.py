@@ -97,6 +97,10 @@ class Bottleneck(nn.Module):
         return nn.relu(residual + y)
 
 
+# the blocks whose output is a residual sum (rsjax.kernels.onednn_train.train_interceptor)
+RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
+
+
 class ResNet(nn.Module):
     """ResNet on already-normalised NHWC input; returns logits ``(B, num_classes)``.
 

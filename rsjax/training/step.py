@@ -144,20 +144,25 @@ def train_apply(model, mean, std, params, batch_stats, x, *, onednn=False, mesh=
     (:mod:`rsjax.kernels.onednn_train`; per device on its shard of ``mesh``'s batch). Otherwise, on
     a CPU backend, XLA's convolutions with the weight gradients summed over batch chunks
     (:mod:`rsjax.models.conv_grad`: the same gradient up to summation order, faster on XLA:CPU for
-    large batches such as MACER's B x k copies)."""
+    large batches such as MACER's B x k copies). On a CPU backend BatchNorm is computed in affine
+    form (:mod:`rsjax.training.batchnorm`: the same function up to rounding, one saved activation
+    fewer)."""
     import flax.linen as nn
 
     if onednn:
         from rsjax.kernels.onednn_train import train_interceptor
 
-        with nn.intercept_methods(train_interceptor(mesh)):
-            return _train_apply(model, mean, std, params, batch_stats, x)
-    if jax.default_backend() == "cpu":
+        kernels = train_interceptor(mesh)
+    elif jax.default_backend() == "cpu":
         from rsjax.models.conv_grad import chunked_conv_interceptor
 
-        with nn.intercept_methods(chunked_conv_interceptor()):
-            return _train_apply(model, mean, std, params, batch_stats, x)
-    return _train_apply(model, mean, std, params, batch_stats, x)
+        kernels = chunked_conv_interceptor()
+    else:
+        return _train_apply(model, mean, std, params, batch_stats, x)
+    from rsjax.training import batchnorm
+
+    with nn.intercept_methods(batchnorm.interceptor), nn.intercept_methods(kernels):
+        return _train_apply(model, mean, std, params, batch_stats, x)
 
 
 def _train_apply(model, mean, std, params, batch_stats, x):

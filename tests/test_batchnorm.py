@@ -80,6 +80,8 @@ def test_uncovered_calls_are_flax_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax_y))
     ref = nn.BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)
     assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(ref)
+    for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _saved_activations(affine):

@@ -16,8 +16,8 @@ bias tensor's scale instead of 1.0e-6 (tests/test_onednn_train.py, four devices)
 
 The difference from Flax's form is in what reverse mode keeps: differentiating the first form saves
 ``x - mu``, a new activation-sized buffer written in the forward pass and read in the backward pass;
-the second depends on x only through ``x * a`` and the two sums, so the saved activation is x itself,
-which is alive anyway as the convolution's output. On a CIFAR ResNet-110 step on XLA:CPU that removes
+the second depends on x only through ``x * a`` and the two sums, so the only saved activation is x
+itself, which reverse mode keeps in either form (the derivative of E[x^2] needs it). On a CIFAR ResNet-110 step on XLA:CPU that removes
 one write and one read of every BatchNorm input (measured in docs/training.md, "The step on a CPU").
 The two forms agree up to float32 rounding (tested against Flax's module: values, gradients, a
 forward-mode derivative and the running statistics).

@@ -509,10 +509,8 @@ def train(dataset: str, arch: str, outdir, cfg: TrainConfig, objective_cfg=None,
         log(f"resuming {outdir} at step {start} (epoch {start // spe}, step {start % spe} of {spe})")
     # what the model metadata says of the run beyond its settings: the kernels of this invocation, and
     # where the weights started, which only the invocation that started the run knows
-    run_info = {"kernels": "onednn" if use_onednn else "xla",
-                "initialisation": "--init" if cfg.init is not None else "rsjax.models.init"}
-    if start:
-        run_info["initialisation"] = started_from(outdir)
+    fresh = "--init" if cfg.init is not None else "rsjax.models.init"
+    run_info = {"kernels": "onednn" if use_onednn else "xla", "initialisation": started_from(outdir) if start else fresh}
     if writer:
         truncate_rows(outdir, start // spe)
         if not (outdir / "log.txt").is_file():

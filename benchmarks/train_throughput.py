@@ -4,8 +4,10 @@ Gaussian augmentation = locuslab/smoothing ``code/train.py`` (noise, forward, cr
 ``SGD(momentum, weight_decay)`` step); MACER = RuntianZ/macer ``macer.py`` (k noisy copies, the two
 loss terms, SGD step). Same architecture, batch, machine; repetitions interleaved (rsjax, PyTorch,
 rsjax, ...), each the median of ``--steps`` timed steps after warm-up. An image is one training
-example (MACER's k copies count once). Writes benchmarks/results/train_throughput_*.json and a row of
-benchmarks/results/train_throughput.md.
+example (MACER's k copies count once). rsjax runs with the memory settings ``rsjax train`` uses
+(``--malloc retain``, rsjax.heap) and PyTorch in a worker process of its own with the C library's
+defaults, as its users run it (``--torch-malloc``; both recorded). Writes
+benchmarks/results/train_throughput_*.json and a row of benchmarks/results/train_throughput.md.
 
     python benchmarks/train_throughput.py --model cifar_resnet110 --method macer --batch 64 --k 16
 """
@@ -72,6 +74,50 @@ def torch_stepper(arch, method, batch, k, device, sigma=0.25):
     return run
 
 
+class TorchWorker:
+    """PyTorch's step in a process of its own, so that it runs with the C library's memory settings
+    PyTorch users have (``malloc="default"``) while this process keeps rsjax's (rsjax.heap): the
+    settings are process-wide. Repetitions stay interleaved: :meth:`timed` runs ``steps`` steps there
+    and returns their median, while this process waits."""
+
+    def __init__(self, arch, method, batch, k, device, malloc):
+        import subprocess
+
+        code = ("import sys\n"
+                "sys.path.insert(0, sys.argv[1])\n"
+                "if sys.argv[2] == 'retain':\n"
+                "    from rsjax.heap import retain_freed_memory; retain_freed_memory()\n"
+                "from benchmarks.train_throughput import _torch_worker; _torch_worker(*sys.argv[3:])\n")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), malloc, arch, method, str(batch),
+             str(k), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the PyTorch worker did not start")
+
+    def timed(self, steps):
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the PyTorch worker stopped (exit status {self.proc.wait()})")
+        return float(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _torch_worker(arch, method, batch, k, device):
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    run = torch_stepper(arch, method, int(batch), int(k), device)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(timed(run, int(line)), flush=True)
+
+
 def timed(run, steps):
     out = []
     for _ in range(steps):
@@ -94,26 +140,31 @@ def main(argv=None):
     p.add_argument("--cpu-kernels", nargs="+", default=["xla"], choices=("xla", "onednn", "auto"),
                    help="rsjax's convolution kernels (rsjax train --cpu-kernels); several are interleaved "
                         "with PyTorch in the same repetitions, one record each")
+    p.add_argument("--malloc", default="retain", choices=("retain", "default"),
+                   help="rsjax's process: retain = glibc keeps freed memory (rsjax.heap), as rsjax train does")
+    p.add_argument("--torch-malloc", default="default", choices=("retain", "default"),
+                   help="PyTorch's process (its steps run in a worker process of their own): default = as "
+                        "PyTorch users run it")
     args = p.parse_args(argv)
-    import torch
+    from rsjax.heap import retain_freed_memory
 
+    malloc = retain_freed_memory() if args.malloc == "retain" else "default"
     dev = torch_device(args.torch_device)
-    if dev == "cpu":
-        torch.set_num_threads(os.cpu_count())
     rs = {kern: rsjax_stepper(args.model, args.method, args.batch, args.k, cpu_kernels=kern)
           for kern in args.cpu_kernels}
-    pt = torch_stepper(args.model, args.method, args.batch, args.k, dev)
+    pt = TorchWorker(args.model, args.method, args.batch, args.k, dev, args.torch_malloc)
     for _ in range(2):  # warm-up / compilation
         for run in rs.values():
             run()
-        pt()
+        pt.timed(1)
     reps = []
     for r in range(args.reps):
         rep = {kern: timed(run, args.steps) for kern, run in rs.items()}
-        rep["torch_s"] = timed(pt, args.steps)
+        rep["torch_s"] = pt.timed(args.steps)
         reps.append(rep)
         print(f"rep {r}: " + ", ".join(f"rsjax[{kern}] {args.batch / rep[kern]:.1f}" for kern in rs)
               + f", torch {args.batch / rep['torch_s']:.1f} img/s", flush=True)
+    pt.close()
     pt_ips = statistics.median(args.batch / x["torch_s"] for x in reps)
     load = os.getloadavg()
     header = ("| model | method | batch | k | device | rsjax img/s | PyTorch img/s | speedup | load | shared |\n"
@@ -125,7 +176,8 @@ def main(argv=None):
                "reps": [{"rsjax_s": x[kern], "torch_s": x["torch_s"]} for x in reps],
                "rsjax_images_per_s": rs_ips, "torch_images_per_s": pt_ips, "speedup": rs_ips / pt_ips,
                "interleaved_with": list(rs), "torch_device": dev, "load_avg": load, "shared_machine": args.shared,
-               "steps": args.steps}
+               "steps": args.steps, "malloc": malloc, "torch_malloc": args.torch_malloc,
+               "torch_process": "worker"}
         label = device_label(rec) + (f", {kern} kernels" if dev == "cpu" else "")
         row = (f"| {args.model} | {args.method} | {args.batch} | {rec['k'] or ''} | {label} | {rs_ips:.1f} | "
                f"{pt_ips:.1f} | {rs_ips / pt_ips:.2f}x | {load[0]:.1f} | {'yes' if args.shared else 'no'} |")

@@ -167,6 +167,10 @@ def main(argv=None):
             check_interrupt()
             if args.command in DEVICE_COMMANDS:
                 apply_xla_settings(args.command)
+                if args.command == "train" and os.environ.get("RSJAX_MALLOC", "retain") != "default":
+                    from rsjax.heap import retain_freed_memory
+
+                    retain_freed_memory()  # before JAX's thread pools start (rsjax.heap)
                 check_interrupt()
             status = args.func(args) or 0
         except RsjaxError as e:

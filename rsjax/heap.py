@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # glibc <malloc.h>
@@ -37,28 +38,21 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1, "arena_max=1"), (M_MMAP_MAX, 0, "mmap_max=0"),
             (M_TRIM_THRESHOLD, -1, "trim_threshold=-1"))
 
-_applied: str | None = None
 
-
+@functools.cache
 def retain_freed_memory() -> str:
     """Apply :data:`SETTINGS` with ``mallopt`` once per process; returns what was set
     (``"arena_max=1,mmap_max=0,trim_threshold=-1"``) or ``"unchanged: <reason>"``."""
-    global _applied
-    if _applied is not None:
-        return _applied
     if not sys.platform.startswith("linux"):
-        _applied = f"unchanged: {sys.platform} is not glibc"
-        return _applied
+        return f"unchanged: {sys.platform} is not glibc"
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError) as e:
-        _applied = f"unchanged: no mallopt ({e})"
-        return _applied
+        return f"unchanged: no mallopt ({e})"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done = [name for param, value, name in SETTINGS if mallopt(param, value) == 1]
-    _applied = ",".join(done) if done else "unchanged: mallopt refused every setting"
-    return _applied
+    return ",".join(done) if done else "unchanged: mallopt refused every setting"
 
 
 __all__ = ["SETTINGS", "retain_freed_memory"]

@@ -184,8 +184,10 @@ batching.primitive_batchers[bwd_weights_p] = _batch_rule(bwd_weights_p, False)
 # ------------------------------------------------------------------------------ the convolution
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def load():
-    """``(True, None)`` when the extension has the training targets (registered here), else ``(False, reason)``."""
+    """``(True, None)`` when the extension has the training targets (registered here, once), else
+    ``(False, reason)``."""
     from rsjax.kernels import onednn
 
     lib, reason = onednn.load()
@@ -289,11 +291,14 @@ def train_interceptor(mesh=None):
     from rsjax.kernels.onednn import conv_problem
     from rsjax.models.resnet import RESIDUAL_BLOCKS
 
+    def splits(a):  # a batch the mesh divides (the primitives run per device on equal shards)
+        return a.shape[0] % (mesh.size if mesh else 1) == 0
+
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, RESIDUAL_BLOCKS):
             out = next_fun(*args, **kwargs)
-            return materialize(out, mesh) if out.shape[0] % (mesh.size if mesh else 1) == 0 else out
+            return materialize(out, mesh) if splits(out) else out
         if (context.method_name != "__call__" or not isinstance(mod, nn.Conv) or len(args) != 1 or kwargs
                 or getattr(args[0], "ndim", 0) != 4):
             return next_fun(*args, **kwargs)
@@ -304,7 +309,7 @@ def train_interceptor(mesh=None):
         # padding, empty output), then float32 throughout and a batch that splits over the mesh
         params, _ = conv_problem(mod, x.shape, dtype)
         if (params is None or dtype != jnp.float32 or kernel.dtype != jnp.float32 or x.dtype != jnp.float32
-                or x.shape[0] % (mesh.size if mesh else 1)):
+                or not splits(x)):
             return next_fun(*args, **kwargs)
         strides, pads = params[7:9], ((params[9], params[10]), (params[11], params[12]))
         y = conv(x, kernel, strides, pads, mesh)
